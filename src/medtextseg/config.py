@@ -1,0 +1,233 @@
+"""Typed run configuration, YAML presets with tiers, and ``--set key=value`` overrides.
+
+A preset is ``presets/<name>.yaml``::
+
+    base: lvit-t            # optional: start from another preset
+    method: supervised
+    network: {name: lvit-t, base_width: 64}
+    tiers:                  # each tier overrides keys of the base document
+      smoke: {train: {max_epochs: 1}}
+      cpu:   {...}
+      paper: {...}
+
+Resolution order: dataclass defaults < base preset < preset < tier < ``--set``.
+The resolved config is written to ``<run>/config.yaml`` and is the only thing a
+resumed run, ``evaluate`` or ``predict`` reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TIERS = ("smoke", "cpu", "paper")
+
+
+class ConfigError(ValueError):
+    """A preset, tier or override that does not exist or does not fit."""
+
+
+@dataclass
+class NetworkConfig:
+    """Options passed to :func:`medtextseg.nets.build_network`."""
+
+    name: str = "lvit-t"
+    base_width: int = 64
+    use_text: bool = True
+
+
+@dataclass
+class TextConfig:
+    """Which text encoder turns descriptions into token embeddings (DESIGN.md §4).
+
+    ``encoder`` is ``learned``, ``minilm`` or ``hf:<dir>``; ``dim`` is used by
+    ``learned`` only (frozen encoders have their model's width).
+    """
+
+    encoder: str = "learned"
+    max_len: int = 24
+    dim: int = 256
+
+
+@dataclass
+class DataConfig:
+    """Input pipeline. ``augment`` is ``none``, ``rotate`` (±``rotate_degrees``) or
+    ``lvit`` (the official LViT recipe: p=0.5 rot90+flip, else p=0.5 rotation).
+
+    ``rotate`` is the default because flips and quarter turns swap the left/right
+    and upper/lower words that the clinical texts depend on.
+    """
+
+    img_size: int = 224
+    in_channels: int = 3
+    num_classes: int = 1
+    batch_size: int = 2
+    eval_batch_size: int = 8
+    num_workers: int = 0
+    augment: str = "rotate"
+    rotate_degrees: float = 20.0
+    threshold: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    """Adam with cosine warm restarts stepped per epoch (LViT official setting)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: str = "cosine_restarts"  # or "none"
+    t0: int = 10
+    eta_min: float = 1e-4
+
+
+@dataclass
+class LossConfig:
+    """L_sup = dice·L_Dice + ce·L_CE; LViT Eq. 16 is dice = ce = 0.5."""
+
+    dice: float = 0.5
+    ce: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    """Loop, devices and stopping; all handed to Lightning."""
+
+    max_epochs: int = 100
+    patience: int = 50
+    seed: int = 666
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    limit_train_batches: Any = 1.0
+    log_every_n_steps: int = 10
+    channels_last: bool = False
+    # torch.use_deterministic_algorithms sends CPU convolutions down a path ~15x
+    # slower; seeding alone already gives same-seed, same-metrics runs on one CPU
+    # (tests/test_end_to_end.py checks it). Turn on for bit-exact GPU runs.
+    deterministic: bool = False
+
+
+@dataclass
+class Config:
+    preset: str = "lvit-t"
+    tier: str = "cpu"
+    method: str = "supervised"
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        cfg = cls()
+        _merge_into(cfg, d, "")
+        return cfg
+
+    def with_overrides(self, overrides: list[str]) -> Config:
+        """Return a copy with ``key.sub=value`` overrides applied (values parsed as YAML)."""
+        cfg = Config.from_dict(self.to_dict())
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"--set expects key=value, got {item!r} (e.g. --set train.max_epochs=5)")
+            key, raw = item.split("=", 1)
+            value = yaml.safe_load(raw) if raw.strip() else ""
+            nested: Any = value
+            for part in reversed(key.strip().split(".")):
+                nested = {part: nested}
+            _merge_into(cfg, nested, "")
+        return cfg
+
+
+def _merge_into(obj: Any, d: dict, prefix: str) -> None:
+    """Merge a nested dict into a dataclass tree, rejecting unknown keys by name."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {d!r}")
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge_into(current, value, path + ".")
+        else:
+            setattr(obj, key, _coerce(current, value, path))
+
+
+def _coerce(current: Any, value: Any, path: str) -> Any:
+    """Keep the declared type of a field: ``--set optim.lr=1`` stays a float."""
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} expects true/false, got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(current, (int, float, str)) and type(current) is not type(value):
+        if isinstance(current, str):
+            return str(value)
+        raise ConfigError(f"{path} expects a {type(current).__name__}, got {value!r}")
+    return value
+
+
+def _preset_dir():
+    return resources.files("medtextseg") / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _load_preset_doc(name: str, seen: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """Return (base document, tiers) of a preset with its ``base:`` chain applied."""
+    path = _preset_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+    if name in seen:
+        raise ConfigError(f"preset inheritance loop: {' -> '.join(seen + (name,))}")
+    doc = yaml.safe_load(path.read_text()) or {}
+    tiers = doc.pop("tiers", {}) or {}
+    base_name = doc.pop("base", None)
+    if base_name:
+        base_doc, base_tiers = _load_preset_doc(base_name, seen + (name,))
+        doc = _deep_merge(base_doc, doc)
+        tiers = {t: _deep_merge(base_tiers.get(t, {}), tiers.get(t, {})) for t in set(base_tiers) | set(tiers)}
+    return doc, tiers
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_preset(name: str, tier: str = "cpu", overrides: list[str] | None = None) -> Config:
+    """Resolve a preset at a tier, then apply ``--set`` overrides."""
+    if tier not in TIERS:
+        raise ConfigError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
+    doc, tiers = _load_preset_doc(name)
+    doc = _deep_merge(doc, tiers.get(tier, {}))
+    cfg = Config.from_dict({**doc, "preset": name, "tier": tier})
+    return cfg.with_overrides(overrides or [])
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from medtextseg.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def read_config(path: Path) -> Config:
+    return Config.from_dict(yaml.safe_load(Path(path).read_text()))

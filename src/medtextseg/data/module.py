@@ -1,0 +1,205 @@
+"""Datasets, transforms and the Lightning DataModule.
+
+Images are decoded and resized once (``setup``) and kept as uint8 in memory:
+the datasets of the papers are small (24 to 7,145 training images), and decoding
+a 1000x1000 PNG on every step would dominate a CPU epoch. Text features are
+computed once per unique description by the text encoder and gathered per
+sample by index, so training never pays for text encoding.
+
+A batch is a dict:
+
+- ``image``: ``[B, C, H, W]`` float32 in [0, 1]
+- ``mask``: ``[B, 1, H, W]`` int64 labels ({0, 1} binary, class ids otherwise); only
+  when every sample of the dataset has one
+- ``text``: ``[B, L]`` int64 token ids (learned encoder) or ``[B, L, D]`` float32
+  token embeddings (frozen encoders)
+- ``index``: ``[B]`` int64, position of the sample in its dataset
+- ``id``: list of B sample ids
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import lightning as L
+import numpy as np
+import torch
+from monai import transforms as mt
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from medtextseg.config import DataConfig
+from medtextseg.data.io import read_image, read_mask
+from medtextseg.data.sample import Sample
+
+AUGMENTATIONS = ("none", "rotate", "lvit")
+
+
+def resize_image(image: np.ndarray, size: int, in_channels: int) -> np.ndarray:
+    """``[H, W, 3]`` uint8 -> ``[C, size, size]`` uint8, bilinear (LViT's resize)."""
+    pil = Image.fromarray(image)
+    if in_channels == 1:
+        pil = pil.convert("L")
+    arr = np.asarray(pil.resize((size, size), Image.BILINEAR))
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()
+
+
+def mask_to_labels(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """Raw mask values -> labels: binary masks ({0,255} or {0,1}) become {0,1}."""
+    return (mask > 0).astype(np.uint8) if num_classes == 1 else mask.astype(np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """``[H, W]`` labels -> ``[1, size, size]`` labels, nearest (keeps class ids)."""
+    return np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))[None].copy()
+
+
+def build_augmentation(cfg: DataConfig) -> mt.Compose | None:
+    """Spatial augmentation applied identically to image and mask.
+
+    ``lvit``: the official recipe (p = 0.5 random quarter turn + flip, otherwise
+    p = 0.5 rotation within ±``rotate_degrees``). ``rotate``: only the rotation,
+    the default, because quarter turns and flips contradict position words
+    ("upper left lung") in the text.
+    """
+    if cfg.augment not in AUGMENTATIONS:
+        raise ValueError(f"data.augment must be one of {AUGMENTATIONS}, got {cfg.augment!r}")
+    if cfg.augment == "none":
+        return None
+    keys = ["image", "mask"]
+    radians = float(np.deg2rad(cfg.rotate_degrees))
+    rotate = mt.RandRotated(keys, range_x=radians, prob=0.5, mode=("bilinear", "nearest"), padding_mode="zeros")
+    if cfg.augment == "rotate":
+        return mt.Compose([rotate])
+    turn_flip = mt.Compose([mt.RandRotate90d(keys, prob=1.0, spatial_axes=(0, 1)), mt.RandFlipd(keys, prob=1.0, spatial_axis=1)])
+    return mt.Compose([mt.OneOf([turn_flip, rotate])])
+
+
+class SegDataset(Dataset):
+    """Resized images (+ masks) and per-sample text features of one split.
+
+    Args:
+        samples: the records of this split.
+        images: ``[N, C, S, S]`` uint8.
+        masks: ``[N, 1, S, S]`` uint8 labels, or None (no sample has a mask).
+        text_features: ``[U, L]`` int64 or ``[U, L, D]`` float, one row per unique text.
+        text_index: ``[N]`` row of ``text_features`` for each sample.
+        transform: MONAI dict transform over ``image``/``mask``, or None.
+    """
+
+    def __init__(self, samples: Sequence[Sample], images: np.ndarray, masks: np.ndarray | None,
+                 text_features: torch.Tensor, text_index: np.ndarray, transform: mt.Compose | None = None):
+        self.samples = list(samples)
+        self.images = images
+        self.masks = masks
+        self.text_features = text_features
+        self.text_index = torch.as_tensor(text_index, dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"image": torch.from_numpy(self.images[i]).float().div_(255.0)}
+        if self.masks is not None:
+            item["mask"] = torch.from_numpy(self.masks[i]).float()
+        if self.transform is not None:
+            item = self.transform(item)
+            item = {k: torch.as_tensor(v) for k, v in item.items()}
+        if "mask" in item:
+            item["mask"] = item["mask"].round().long()
+        item["text"] = self.text_features[self.text_index[i]]
+        item["index"] = i
+        item["id"] = self.samples[i].id
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    out = {k: torch.stack([it[k] for it in items]) for k in ("image", "mask", "text") if k in items[0]}
+    out["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+    out["id"] = [it["id"] for it in items]
+    return out
+
+
+def _seed_worker_transform(worker_id: int) -> None:
+    """Give each loader worker its own augmentation stream, derived from torch's seed
+    (which Lightning's ``seed_everything(workers=True)`` makes reproducible)."""
+    info = get_worker_info()
+    if info is not None and info.dataset.transform is not None:
+        info.dataset.transform.set_random_state(seed=int(info.seed % (2**32)))
+
+
+def load_arrays(samples: Sequence[Sample], cfg: DataConfig, with_masks: bool, threads: int = 4):
+    """Decode and resize every sample once. Returns (images [N,C,S,S], masks [N,1,S,S] | None)."""
+    def one(s: Sample):
+        img = resize_image(read_image(s.image_path), cfg.img_size, cfg.in_channels)
+        msk = resize_mask(mask_to_labels(read_mask(s.mask_path), cfg.num_classes), cfg.img_size) if with_masks else None
+        return img, msk
+
+    with ThreadPoolExecutor(threads) as pool:
+        pairs = list(pool.map(one, samples))
+    if not pairs:
+        return np.zeros((0, cfg.in_channels, cfg.img_size, cfg.img_size), np.uint8), None
+    images = np.stack([p[0] for p in pairs])
+    masks = np.stack([p[1] for p in pairs]) if with_masks else None
+    return images, masks
+
+
+def make_dataset(samples: Sequence[Sample], encoder, cfg: DataConfig, *, train: bool = False,
+                 seed: int = 0) -> SegDataset:
+    """Build a dataset for any list of samples (masks are used when all samples have one)."""
+    texts = sorted({s.text for s in samples})
+    row = {t: i for i, t in enumerate(texts)}
+    features = encoder.features(texts) if texts else torch.zeros(0)
+    with_masks = bool(samples) and all(s.mask_path is not None for s in samples)
+    images, masks = load_arrays(samples, cfg, with_masks)
+    transform = build_augmentation(cfg) if train else None
+    if transform is not None:
+        transform.set_random_state(seed=seed)
+    return SegDataset(samples, images, masks, features, np.array([row[s.text] for s in samples]), transform)
+
+
+def make_loader(dataset: SegDataset, batch_size: int, *, shuffle: bool, num_workers: int = 0,
+                drop_last: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      collate_fn=collate, drop_last=drop_last, worker_init_fn=_seed_worker_transform,
+                      persistent_workers=num_workers > 0)
+
+
+class SegDataModule(L.LightningDataModule):
+    """Train (labeled), Val and Test loaders over validated samples.
+
+    Args:
+        samples: every record of the dataset (all splits).
+        encoder: a fitted :class:`medtextseg.text.encoders.TextEncoder`.
+        cfg: the data section of the run config.
+        seed: seeds the augmentation stream.
+    """
+
+    def __init__(self, samples: Sequence[Sample], encoder, cfg: DataConfig, seed: int = 0):
+        super().__init__()
+        self.samples = list(samples)
+        self.encoder = encoder
+        self.cfg = cfg
+        self.seed = seed
+        self.datasets: dict[str, SegDataset] = {}
+
+    def split(self, name: str, labeled_only: bool = False) -> list[Sample]:
+        return [s for s in self.samples if s.split == name and (s.labeled or not labeled_only)]
+
+    def setup(self, stage: str | None = None) -> None:
+        if "Train" not in self.datasets:
+            self.datasets["Train"] = make_dataset(self.split("Train", labeled_only=True), self.encoder, self.cfg,
+                                                  train=True, seed=self.seed)
+            self.datasets["Val"] = make_dataset(self.split("Val"), self.encoder, self.cfg)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.datasets["Train"]
+        # Drop a last batch of one: BatchNorm cannot train on a single image.
+        drop = len(ds) % self.cfg.batch_size == 1
+        return make_loader(ds, self.cfg.batch_size, shuffle=True, num_workers=self.cfg.num_workers, drop_last=drop)
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self.datasets["Val"], self.cfg.eval_batch_size, shuffle=False,
+                           num_workers=self.cfg.num_workers)

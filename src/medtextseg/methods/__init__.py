@@ -1,0 +1,18 @@
+"""Training methods, one file each. A method is a LightningModule class that owns
+its training step; register it here by name (the preset's ``method:`` key)."""
+
+from __future__ import annotations
+
+from medtextseg.methods.base import NonFiniteLossError, SegMethod
+from medtextseg.methods.supervised import Supervised
+
+METHODS: dict[str, type[SegMethod]] = {"supervised": Supervised}
+
+
+def method_class(name: str) -> type[SegMethod]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "NonFiniteLossError", "SegMethod", "method_class"]

@@ -1,0 +1,78 @@
+"""What every training method shares: the network, the text embedder, the
+optimiser, and validation by per-image Dice/IoU. A method subclasses
+:class:`SegMethod` and writes its ``training_step``."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from medtextseg.config import Config
+from medtextseg.losses import DiceCE
+from medtextseg.metrics import binarize, dice_iou_per_image
+from medtextseg.nets import build_network
+from medtextseg.text.encoders import build_text_encoder
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class SegMethod(L.LightningModule):
+    """Base LightningModule: ``forward(images [B,C,H,W], text [B,L] | [B,L,D]) -> logits [B,K,H,W]``.
+
+    Args:
+        config: the resolved run config as a dict (saved in the checkpoint).
+        text_state: the text encoder's ``state()`` (the vocabulary of a learned encoder).
+        text_dim: D, width of the token embeddings the network receives.
+    """
+
+    def __init__(self, config: dict, text_state: dict | None = None, text_dim: int = 256):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = Config.from_dict(config)
+        cfg = self.cfg
+        self.use_text = cfg.network.use_text
+        self.net = build_network(
+            cfg.network.name, in_channels=cfg.data.in_channels, num_classes=cfg.data.num_classes,
+            base_width=cfg.network.base_width, img_size=cfg.data.img_size, text_dim=text_dim,
+            text_len=cfg.text.max_len, use_text=cfg.network.use_text,
+        )
+        # Only the learned encoder has weights to train; frozen encoders give Identity.
+        self.text_embedder = (build_text_encoder(cfg.text.encoder, max_len=cfg.text.max_len, dim=cfg.text.dim,
+                                                 state=text_state).embedder() if self.use_text else None)
+        self.sup_loss = DiceCE(cfg.data.num_classes, cfg.loss.dice, cfg.loss.ce)
+        if cfg.train.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        tokens = self.text_embedder(text) if self.use_text else None
+        return self.net(images, tokens)
+
+    def check_finite(self, loss: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
+                "the last good checkpoint is kept. Lower optim.lr or check the data.")
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["image"], batch["text"])
+        loss = self.sup_loss(logits, batch["mask"])
+        dice, iou = dice_iou_per_image(binarize(logits, self.cfg.data.threshold), batch["mask"], self.cfg.data.num_classes)
+        n = len(dice)
+        self.log("val/loss", loss, batch_size=n, sync_dist=True)
+        self.log("val/dice", dice.mean(), batch_size=n, prog_bar=True, sync_dist=True)
+        self.log("val/iou", iou.mean(), batch_size=n, sync_dist=True)
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        opt = torch.optim.Adam(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        if o.scheduler == "none":
+            return opt
+        if o.scheduler != "cosine_restarts":
+            raise ValueError(f"optim.scheduler must be 'cosine_restarts' or 'none', got {o.scheduler!r}")
+        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=o.t0, eta_min=o.eta_min)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -1,0 +1,51 @@
+"""Presets, tiers and --set overrides."""
+
+import pytest
+
+from medtextseg.config import TIERS, ConfigError, load_preset, preset_names
+
+EXPECTED_PRESETS = {"unet", "lvit-t", "lvit-tw", "lvit-s", "lvit-m", "lvit-l"}
+
+
+def test_every_preset_resolves_at_every_tier():
+    assert EXPECTED_PRESETS <= set(preset_names())
+    for name in preset_names():
+        for tier in TIERS:
+            cfg = load_preset(name, tier)
+            assert cfg.preset == name and cfg.tier == tier
+
+
+def test_inheritance_and_tiers():
+    tw = load_preset("lvit-tw", "cpu")
+    t = load_preset("lvit-t", "cpu")
+    assert tw.network.use_text is False and t.network.use_text is True
+    assert tw.data.img_size == t.data.img_size  # tier of the base preset applies
+    assert load_preset("lvit-l", "paper").network.name == "lvit-l"
+    assert load_preset("unet", "paper").network.name == "unet"
+    paper = load_preset("lvit-t", "paper")
+    assert (paper.data.img_size, paper.network.base_width, paper.optim.lr) == (224, 64, 1e-3)
+
+
+def test_overrides_are_typed():
+    cfg = load_preset("lvit-t", "smoke", ["optim.lr=1", "train.max_epochs=3", "network.use_text=false"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.max_epochs == 3
+    assert cfg.network.use_text is False
+
+
+@pytest.mark.parametrize("bad, match", [
+    (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["train.max_epochs=abc"], "expects a int"),
+    (["network.use_text=3"], "true/false"),
+    (["novalue"], "key=value"),
+])
+def test_bad_overrides(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        load_preset("lvit-t", "smoke", bad)
+
+
+def test_unknown_preset_and_tier():
+    with pytest.raises(ConfigError, match="available"):
+        load_preset("nope")
+    with pytest.raises(ConfigError, match="tier"):
+        load_preset("lvit-t", "huge")

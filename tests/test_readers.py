@@ -1,0 +1,385 @@
+"""Image I/O and dataset readers (LViT layout, QaTa / MoNuSeg variants, CSV manifests)."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+from pathlib import Path
+
+import numpy as np
+import openpyxl
+import pytest
+import tifffile
+from PIL import Image
+
+from medtextseg.data.io import (
+    ImageReadError,
+    image_size,
+    read_image,
+    read_mask,
+    write_png_atomic,
+)
+from medtextseg.data.readers import (
+    DatasetError,
+    normalise_split,
+    read_dataset,
+    read_dataset_with_problems,
+)
+from medtextseg.data.sample import Sample
+
+# --------------------------------------------------------------------------- builders
+
+
+def write_xlsx(path: Path, rows, header=("Image", "Description")) -> Path:
+    workbook = openpyxl.Workbook()
+    sheet = workbook.active
+    sheet.append(list(header))
+    for row in rows:
+        sheet.append(list(row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    workbook.save(path)
+    return path
+
+
+def write_rgb(path: Path, size=(8, 10), value=100) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.full((*size, 3), value, np.uint8)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        tifffile.imwrite(path, array)
+    else:
+        Image.fromarray(array).save(path)
+    return path
+
+
+def write_binary_mask(path: Path, size=(8, 10)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros(size, np.uint8)
+    mask[: size[0] // 2] = 255
+    Image.fromarray(mask).save(path)
+    return path
+
+
+def make_lvit(root: Path, splits: dict[str, list[str]], *, text_at_root=False) -> Path:
+    """LViT layout with one <Split>_text.xlsx per split; images/masks named <stem>.png."""
+    for split, stems in splits.items():
+        folder = root / f"{split}_Folder"
+        for stem in stems:
+            write_rgb(folder / "img" / f"{stem}.png")
+            write_binary_mask(folder / "labelcol" / f"{stem}.png")
+        table_dir = root if text_at_root else folder
+        write_xlsx(table_dir / f"{split}_text.xlsx",
+                   [(f"{stem}.png", f"text of {stem}") for stem in stems])
+    return root
+
+
+def messages(problems) -> list[str]:
+    return [p.message for p in problems]
+
+
+# --------------------------------------------------------------------------- io
+
+
+def test_read_image_gray_rgba_and_16bit(tmp_path):
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    out = read_image(tmp_path / "g.png")
+    assert out.shape == (3, 4, 3) and out.dtype == np.uint8
+    assert np.array_equal(out[..., 0], gray) and np.array_equal(out[..., 2], gray)
+
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[...] = (1, 2, 3, 4)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert read_image(tmp_path / "rgba.png")[0, 0].tolist() == [1, 2, 3]
+
+    g16 = np.array([[0, 65535], [257 * 100, 257]], np.uint16)
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    assert read_image(tmp_path / "g16.png")[..., 0].tolist() == [[0, 255], [100, 1]]
+
+
+def test_read_tiff_rgb_and_planar(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "a.tif", rgb)
+    assert np.array_equal(read_image(tmp_path / "a.tif"), rgb)
+    tifffile.imwrite(tmp_path / "p.tif", np.moveaxis(rgb, -1, 0), planarconfig="separate",
+                     photometric="rgb")
+    assert np.array_equal(read_image(tmp_path / "p.tif"), rgb)
+    assert image_size(tmp_path / "p.tif") == (5, 6)
+
+
+def test_read_mask_keeps_raw_values(tmp_path):
+    mask = np.array([[0, 1], [2, 255]], np.uint8)
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    out = read_mask(tmp_path / "m.png")
+    assert out.dtype == np.uint8 and np.array_equal(out, mask)
+
+    palette = Image.fromarray(np.array([[0, 1], [2, 1]], np.uint8)).convert("P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    palette.save(tmp_path / "p.png")
+    assert read_mask(tmp_path / "p.png").tolist() == [[0, 1], [2, 1]]  # indices, not colours
+
+    # A gray mask saved as RGB is fine; a colour mask is not.
+    Image.fromarray(np.repeat(mask[..., None], 3, axis=2)).save(tmp_path / "rgb.png")
+    assert np.array_equal(read_mask(tmp_path / "rgb.png"), mask)
+    colour = np.zeros((2, 2, 3), np.uint8)
+    colour[0, 0] = (0, 9, 0)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    with pytest.raises(ImageReadError, match="colour"):
+        read_mask(tmp_path / "colour.png")
+
+    tifffile.imwrite(tmp_path / "m16.tif", np.array([[0, 65535]], np.uint16))
+    assert read_mask(tmp_path / "m16.tif").tolist() == [[0, 255]]
+
+
+def test_image_size_and_errors(tmp_path):
+    write_rgb(tmp_path / "a.png", size=(7, 9))
+    assert image_size(tmp_path / "a.png") == (7, 9)
+    assert image_size(tmp_path / "a.png", verify=True) == (7, 9)
+
+    with pytest.raises(ImageReadError, match="does not exist") as info:
+        read_image(tmp_path / "missing.png")
+    assert info.value.path == tmp_path / "missing.png"
+
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    for reader in (read_image, read_mask, image_size):
+        with pytest.raises(ImageReadError):
+            reader(tmp_path / "junk.png")
+
+    # Intact header, truncated body: only a verifying or decoding read notices.
+    noisy = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    assert image_size(tmp_path / "cut.png") == (64, 64)
+    with pytest.raises(ImageReadError):
+        image_size(tmp_path / "cut.png", verify=True)
+
+    error = ImageReadError(tmp_path / "x.png", "broken")
+    again = pickle.loads(pickle.dumps(error))
+    assert again.path == error.path and again.reason == "broken"
+
+
+def test_write_png_atomic(tmp_path):
+    target = tmp_path / "out" / "m.png"
+    write_png_atomic(target, np.array([[True, False]]))
+    assert read_mask(target).tolist() == [[255, 0]]
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[..., 1] = 7
+    write_png_atomic(target, rgb)  # replaces the existing file
+    assert np.array_equal(read_image(target), rgb)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m.png"]  # no temp left over
+    with pytest.raises(ValueError):
+        write_png_atomic(target, np.zeros((2, 2), np.float32))
+    assert np.array_equal(read_image(target), rgb)  # a failed write leaves the old file
+
+
+# --------------------------------------------------------------------------- LViT layout
+
+
+def test_lvit_per_split_xlsx(tmp_path):
+    root = make_lvit(tmp_path / "Nuclei", {"Train": ["b", "a"], "Val": ["c"], "Test": ["d"]})
+    samples, problems = read_dataset_with_problems(root)
+    assert problems == []
+    assert [(s.split, s.id) for s in samples] == [("Train", "a"), ("Train", "b"), ("Val", "c"),
+                                                   ("Test", "d")]
+    first = samples[0]
+    assert first == Sample(id="a", image_path=root / "Train_Folder" / "img" / "a.png",
+                           mask_path=root / "Train_Folder" / "labelcol" / "a.png",
+                           text="text of a", split="Train", domain="Nuclei")
+    assert [s.domain for s in read_dataset(root, domain="H&E")] == ["H&E"] * 4
+    assert read_dataset(str(root)) == samples
+
+
+def test_lvit_text_table_at_root_and_missing_split(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a", "b"]}, text_at_root=True)
+    samples, problems = read_dataset_with_problems(root)
+    assert problems == []
+    assert [s.text for s in samples] == ["text of a", "text of b"]
+
+
+def test_qata_style_mask_prefix_and_shared_table(tmp_path):
+    root = tmp_path / "QaTa"
+    for split, stems in {"Train": ["covid_1", "covid_2"], "Val": ["covid_3"],
+                         "Test": ["covid_9"]}.items():
+        for stem in stems:
+            write_rgb(root / f"{split}_Folder" / "img" / f"{stem}.png")
+            write_binary_mask(root / f"{split}_Folder" / "labelcol" / f"mask_{stem}.png")
+    write_xlsx(root / "Train_Val_text.xlsx",
+               [(f"mask_covid_{i}.png", f"Bilateral {i}") for i in (1, 2, 3)])
+    write_xlsx(root / "Test_Folder" / "Test_text.xlsx", [("mask_covid_9.png", "Unilateral")])
+    samples, problems = read_dataset_with_problems(root)
+    assert problems == []
+    assert [(s.split, s.id, s.text) for s in samples] == [
+        ("Train", "covid_1", "Bilateral 1"), ("Train", "covid_2", "Bilateral 2"),
+        ("Val", "covid_3", "Bilateral 3"), ("Test", "covid_9", "Unilateral")]
+    assert samples[2].mask_path.name == "mask_covid_3.png"
+
+
+def test_monuseg_style_tif_test_images(tmp_path):
+    root = make_lvit(tmp_path / "MoNuSeg", {"Train": ["t1"]})
+    test = root / "Test_Folder"
+    for stem in ("x1", "x2"):
+        write_rgb(test / "img" / f"{stem}.tif")
+        write_binary_mask(test / "labelcol" / f"{stem}.png")
+    write_xlsx(test / "Test_text.xlsx", [("x1.png", "dense"), ("x2.png", "sparse")])
+    samples, problems = read_dataset_with_problems(root)
+    assert problems == []
+    tests = [s for s in samples if s.split == "Test"]
+    assert [(s.image_path.name, s.mask_path.name, s.text) for s in tests] == [
+        ("x1.tif", "x1.png", "dense"), ("x2.tif", "x2.png", "sparse")]
+
+
+def test_unlabeled_train_images_are_fine_but_val_needs_masks(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a", "b"], "Val": ["c", "d"]})
+    (root / "Train_Folder" / "labelcol" / "b.png").unlink()
+    (root / "Val_Folder" / "labelcol" / "d.png").unlink()
+    samples, problems = read_dataset_with_problems(root)
+    by_id = {s.id: s for s in samples}
+    assert by_id["b"].mask_path is None and not by_id["b"].labeled
+    assert by_id["b"].text == "text of b"  # text rows are keyed by the expected mask name
+    assert len(problems) == 1
+    assert problems[0].file == root / "Val_Folder" / "img" / "d.png"
+    assert "no mask" in problems[0].message and "Val images need masks" in problems[0].message
+    assert "Val_Folder/labelcol/d.png" in problems[0].fix
+    # read_dataset itself never complains about unlabeled images.
+    assert len(read_dataset(root)) == 4
+
+
+def test_split_without_labelcol(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a"], "Test": ["t"]})
+    for folder in ("Train_Folder", "Test_Folder"):
+        for mask in (root / folder / "labelcol").iterdir():
+            mask.unlink()
+        (root / folder / "labelcol").rmdir()
+    samples, problems = read_dataset_with_problems(root)
+    assert all(s.mask_path is None for s in samples)
+    assert [(p.file, "no labelcol/" in p.message) for p in problems] == [
+        (root / "Test_Folder" / "labelcol", True)]
+
+
+def test_reader_reports_text_and_pairing_problems(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a", "b", "c"]})
+    table = root / "Train_Folder" / "Train_text.xlsx"
+    write_xlsx(table, [("a.png", "text of a"), ("b.png", "   "), ("ghost.png", "nobody")])
+    write_binary_mask(root / "Train_Folder" / "labelcol" / "orphan.png")
+    samples, problems = read_dataset_with_problems(root)
+    assert [s.id for s in samples] == ["a", "b", "c"]
+    assert [s.text for s in samples] == ["text of a", "", ""]
+    found = {(p.file.name, p.message) for p in problems}
+    assert found == {
+        ("Train_text.xlsx", "row 3 ('b.png') has an empty Description"),
+        ("c.png", "no row for 'c.png' in Train_text.xlsx"),
+        ("Train_text.xlsx", "row 4 ('ghost.png') matches no image in Train_Folder/img/"),
+        ("orphan.png", "mask has no image in Train_Folder/img/"),
+    }
+    fixes = {p.file.name + p.message[:6]: p.fix for p in problems}
+    assert fixes["c.pngno row"] == "add a row 'c.png' with its description to " \
+                                   "Train_Folder/Train_text.xlsx"
+
+
+def test_missing_or_broken_text_table(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a"], "Val": ["v"]})
+    (root / "Train_Folder" / "Train_text.xlsx").unlink()
+    (root / "Val_Folder" / "Val_text.xlsx").write_bytes(b"garbage")
+    samples, problems = read_dataset_with_problems(root)
+    assert len(samples) == 2 and all(s.text == "" for s in samples)
+    assert len(problems) == 2  # one per split, not one per image
+    assert problems[0].file == root / "Train_Folder" / "Train_text.xlsx"
+    assert "no text table for the Train split" in problems[0].message
+    assert "cannot read the text table" in problems[1].message
+
+    write_xlsx(root / "Val_Folder" / "Val_text.xlsx", [("v.png", "x")], header=("Name", "Text"))
+    _, problems = read_dataset_with_problems(root)
+    assert "no Image and Description columns" in problems[1].message
+
+
+def test_duplicate_text_rows(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a"]})
+    write_xlsx(root / "Train_Folder" / "Train_text.xlsx",
+               [("a.png", "one"), ("a.png", "one"), ("a.png", "two")])
+    samples, problems = read_dataset_with_problems(root)
+    assert samples[0].text == "one"
+    assert messages(problems) == ["rows 2, 3, 4 all describe 'a.png', differently"]
+
+
+def test_not_a_dataset(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        read_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no split folders") as info:
+        read_dataset(tmp_path / "empty")
+    assert str(tmp_path / "empty") in str(info.value) and "Train_Folder" in str(info.value)
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(DatasetError, match="not a dataset"):
+        read_dataset(tmp_path / "notes.txt")
+    (tmp_path / "bad.csv").write_text("image,text\na.png,x\n")
+    with pytest.raises(DatasetError, match=r"lacks column.*mask, split"):
+        read_dataset(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="unknown split"):
+        read_dataset_with_problems(tmp_path, require_masks_in=("Training!",))
+
+
+# --------------------------------------------------------------------------- CSV manifest
+
+
+def write_manifest(path: Path, rows, header=("image", "mask", "text", "split")) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_csv_manifest(tmp_path):
+    base = tmp_path / "mydata"
+    write_rgb(base / "images" / "a.png")
+    write_rgb(base / "images" / "b.jpg")
+    write_rgb(base / "images" / "c.png")
+    write_binary_mask(base / "masks" / "a.png")
+    write_binary_mask(base / "masks" / "c.png")
+    manifest = write_manifest(base / "list.csv", [
+        ("images/c.png", "masks/c.png", "third", "TEST", "ct"),
+        ("images/a.png", "masks/a.png", "first", "train", ""),
+        ("images/b.jpg", "", "unlabeled one", "Train", "xray"),
+    ], header=("Image", "mask", "text", "split", "domain"))
+    samples, problems = read_dataset_with_problems(manifest)
+    assert problems == []
+    assert samples == [
+        Sample("a", base / "images" / "a.png", base / "masks" / "a.png", "first", "Train",
+               "mydata"),
+        Sample("b", base / "images" / "b.jpg", None, "unlabeled one", "Train", "xray"),
+        Sample("c", base / "images" / "c.png", base / "masks" / "c.png", "third", "Test", "ct"),
+    ]
+    assert [s.domain for s in read_dataset(manifest, domain="d")] == ["d", "xray", "ct"]
+
+
+def test_csv_manifest_problems(tmp_path):
+    write_rgb(tmp_path / "a.png")
+    write_rgb(tmp_path / "b.png")
+    write_rgb(tmp_path / "c.png")
+    manifest = write_manifest(tmp_path / "m.csv", [
+        ("a.png", "gone.png", "x", "train"),   # mask path that does not exist
+        ("b.png", "", "x", "val"),             # Val without a mask
+        ("c.png", "", "  ", "train"),          # empty text
+        ("missing.png", "", "x", "train"),     # image that does not exist
+        ("a.png", "", "x", "holdout"),         # unknown split
+        ("", "", "x", "train"),                # no image
+    ])
+    samples, problems = read_dataset_with_problems(manifest)
+    assert [s.id for s in samples] == ["a", "c", "b"]
+    assert samples[0].mask_path is None
+    got = [(p.file.name, p.message) for p in problems]
+    assert got == [
+        ("gone.png", "mask of row 2 of m.csv does not exist"),
+        ("b.png", "row 3 of m.csv: Val image without a mask; Val images need masks"),
+        ("m.csv", "row 4 (c.png) has empty text"),
+        ("missing.png", "image of row 5 of m.csv does not exist"),
+        ("m.csv", "row 6 (a.png): split 'holdout' is not train, val or test"),
+        ("m.csv", "row 7 has no image path"),
+    ]
+    assert all(p.fix for p in problems)
+
+
+def test_normalise_split():
+    assert [normalise_split(s) for s in ("train", " VAL ", "Validation", "test", "x")] == [
+        "Train", "Val", "Val", "Test", None]
