@@ -212,15 +212,24 @@ def test_deterministic_in_eval_mode():
         assert torch.equal(net(images, text), outs[1])
 
 
-def test_channels_last_matches_contiguous():
+@pytest.mark.parametrize("name", ["lvit-t", "unet"])
+def test_memory_layouts_agree(name):
+    # Without autograd the CPU forward runs channels_last internally, with autograd in the
+    # caller's layout; a channels_last model must give the same logits too.
     torch.manual_seed(0)
-    net = small_lvit().eval()
+    net = build_network(name, base_width=8, img_size=32, text_dim=12).eval()
     images, text = rand_inputs()
+    ref = net(images, text).detach()  # autograd on: NCHW path
     with torch.no_grad():
-        ref = net(images, text)
+        out = net(images, text)
         net = net.to(memory_format=torch.channels_last)
-        out = net(images.contiguous(memory_format=torch.channels_last), text)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        out_cl = net(images.contiguous(memory_format=torch.channels_last), text)
+    for o in (out, out_cl):
+        assert o.is_contiguous()
+        torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-5)
+    net.train()
+    net(images.contiguous(memory_format=torch.channels_last), text).mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
 
 
 def test_lvit_sizes_differ_only_in_depth():

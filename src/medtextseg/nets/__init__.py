@@ -13,12 +13,19 @@ Build them by name with :func:`build_network`::
 
 CPU performance notes (2-core AVX2 machine, measured with ``benchmarks/throughput.py``):
 
-- inference is fastest in channels_last (``net.to(memory_format=torch.channels_last)``),
-  about 25% faster than the default layout;
+- without autograd (``torch.no_grad`` / ``inference_mode``) the networks run their
+  CPU forward pass channels_last internally, ~25% faster than NCHW; logits are
+  returned contiguous (see :func:`medtextseg.nets.blocks.inference_layout`);
 - training is fastest in the default (NCHW) layout: oneDNN's channels_last
-  weight-gradient kernels are several times slower on AVX2;
-- CPU training should call ``torch.set_flush_denormal(True)``: denormals arising
-  inside the convolution backward otherwise slow steps down up to 3-4x.
+  weight-gradient kernels are several times slower on AVX2 (LViT-T trains ~30%
+  slower channels_last);
+- glibc unmaps large freed activations after every step and the next step pays
+  the page faults again (~10% of a 2-core LViT-T training step is kernel time);
+  ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776`` in the environment
+  of the training process avoids it (``benchmarks/throughput.py --malloc-tuning``);
+- on a machine shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE``: with the
+  default spinning barriers a 2-thread step can take several times longer when
+  another process holds a core.
 """
 
 from __future__ import annotations

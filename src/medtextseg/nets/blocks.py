@@ -32,6 +32,7 @@ __all__ = [
     "UpBlock",
     "check_image_size",
     "encoder_channels",
+    "inference_layout",
 ]
 
 #: Number of down-sampling stages of the U (LViT and U-Net both use 4).
@@ -71,6 +72,21 @@ def check_image_size(
             f"(the network halves the resolution {NUM_LEVELS} times), got {hw[0]}x{hw[1]}"
         )
     return hw  # type: ignore[return-value]
+
+
+def inference_layout(images: Tensor) -> Tensor:
+    """Return ``images`` channels_last when running on CPU without autograd, else unchanged.
+
+    Every layer propagates the memory layout of its input, so this picks the
+    layout of the whole forward pass. On CPU, oneDNN's channels_last forward
+    convolutions are the fastest (LViT-T inference ~25% faster than NCHW on a
+    2-core AVX2 machine). With autograd on, the caller's layout is kept, because
+    oneDNN's channels_last *weight-gradient* kernels are several times slower
+    than the NCHW ones on AVX2; pass channels_last inputs to train in it anyway.
+    """
+    if images.device.type == "cpu" and not torch.is_grad_enabled():
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
 
 
 class ConvBNReLU(nn.Sequential):

@@ -20,6 +20,7 @@ from medtextseg.nets.blocks import (
     CNNDecoder,
     CNNEncoder,
     check_image_size,
+    inference_layout,
 )
 from medtextseg.nets.vit import (
     CTBN,
@@ -138,8 +139,9 @@ class LViT(nn.Module):
 
     Size: with base 64, 224x224, ``text_dim=768``, ``text_len=10`` LViT-T has
     29.9M parameters (29.7M without position embeddings, the paper's Table 1
-    figure), LViT-TW 28.2M (28.0M), and costs 54 GFLOPs per image (see
-    :func:`medtextseg.nets.profile.count_gflops`).
+    figure), LViT-TW 28.2M (28.0M), and costs 52.7 GFLOPs per image (paper:
+    54.1, which convolves the CNN-ViT interaction at full resolution; see
+    :mod:`medtextseg.nets.profile`).
 
     Example:
         >>> import torch
@@ -236,7 +238,7 @@ class LViT(nn.Module):
     def forward(self, images: Tensor, text: Tensor | None = None) -> Tensor:
         """``images [B, C, H, W]``, ``text [B, L, D]`` -> logits ``[B, K, H, W]``."""
         self._check_inputs(images, text)
-        features = self.encoder(images)
+        features = self.encoder(inference_layout(images))
         grid = (images.shape[-2] // TOTAL_STRIDE, images.shape[-1] // TOTAL_STRIDE)
         extra = self.text_tokens(text, grid) if self.use_text else None
 
@@ -251,4 +253,5 @@ class LViT(nn.Module):
             lower = self.up_vits[level](down[level], lower)
             # CNN-ViT interaction: ViT features join the CNN skip as a residual (§3.1).
             features[level] = features[level] + self.reconstructs[level](lower, grid)
-        return self.decoder(features)
+        # Internal layout only: logits come back in the standard contiguous layout.
+        return self.decoder(features).contiguous()

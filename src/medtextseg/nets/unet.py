@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from medtextseg.nets.blocks import CNNDecoder, CNNEncoder, Upsample, check_image_size
+from medtextseg.nets.blocks import (
+    CNNDecoder,
+    CNNEncoder,
+    Upsample,
+    check_image_size,
+    inference_layout,
+)
 
 __all__ = ["UNet"]
 
@@ -19,7 +25,8 @@ class UNet(nn.Module):
             ``(b, 2b, 4b, 8b, 8b)`` channels, the decoder mirrors it.
         upsample: ``"transpose"`` (default) upsamples with a 2x2 stride-2
             transposed conv, as the U-Net baseline of LViT's Table 1 does: with
-            base 64 that gives its 14.8M parameters and 50.3 GFLOPs at 224x224.
+            base 64 that gives its 14.8M parameters (we count 45.3 GFLOPs at
+            224x224 where the paper lists 50.3; its FLOP tool is not known).
             ``"nearest"`` is exactly LViT's CNN branch (13.4M parameters).
         num_convs: Conv-BN-ReLU layers per down/up block.
 
@@ -62,4 +69,5 @@ class UNet(nn.Module):
                 f"expected images of shape [B, {self.in_channels}, H, W], got {list(images.shape)}"
             )
         check_image_size(tuple(images.shape[-2:]), what="image size")
-        return self.decoder(self.encoder(images))
+        # Internal layout only: logits come back in the standard contiguous layout.
+        return self.decoder(self.encoder(inference_layout(images))).contiguous()
