@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU build on this project's machines; on a GPU machine an installed torch is kept.
 TORCH_SPEC ?= torch==2.13.0
 DEMO ?= demo
-DEMO_N ?= 600
+DEMO_N ?= 500
 DEMO_MODELS ?= unet lvit-tw lvit-t
 
 .PHONY: install demo test lint bench clean

@@ -49,3 +49,18 @@ def test_unknown_preset_and_tier():
         load_preset("nope")
     with pytest.raises(ConfigError, match="tier"):
         load_preset("lvit-t", "huge")
+
+
+def test_atomic_write_keeps_umask_mode_and_leaves_no_temp(tmp_path):
+    import os
+
+    from medtextseg.utils import atomic_write_text
+
+    target = tmp_path / "sub" / "f.txt"
+    atomic_write_text(target, "a")
+    atomic_write_text(target, "b")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.read_text() == "b"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in target.parent.iterdir()] == ["f.txt"]

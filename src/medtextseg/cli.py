@@ -178,7 +178,7 @@ def report(
     from medtextseg.report import report as run_report
 
     md = run_report(runs, out, data=data, split=split, n_images=n_images)
-    console.print(md.read_text())
+    console.print(md.read_text(), markup=False, highlight=False)
 
 
 @app.command()

@@ -37,7 +37,7 @@ from medtextseg.data.validation import validate_dataset
 from medtextseg.methods import SegMethod, method_class
 from medtextseg.metrics import binarize, dice_iou_per_image
 from medtextseg.text.encoders import build_text_encoder
-from medtextseg.utils import atomic_write_bytes, atomic_write_json
+from medtextseg.utils import atomic_write_bytes, atomic_write_json, keep_freed_memory
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -115,6 +115,7 @@ def train(cfg: Config, data: Path, out: Path, *, resume: bool = False, overwrite
     if not child:
         prepare_run_dir(out, resume=resume, overwrite=overwrite)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    keep_freed_memory()
     run_info = json.loads((out / RUN_FILE).read_text()) if resume else None
     encoder = build_encoder(cfg, samples, state=run_info["text_state"] if run_info else None)
     if not child and not resume:

@@ -112,8 +112,11 @@ def overlay_grid(runs: list[Path], data: Path, out_png: Path, split: str = "Test
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(title, fontsize=8)
-        fig.text(0.5, axes[i, 0].get_position().y0 - 0.004, textwrap.fill(s.text, 110), ha="center", va="top", fontsize=7)
-    fig.subplots_adjust(hspace=0.45, wspace=0.05, left=0.02, right=0.98, top=0.96, bottom=0.04)
+    # Axes positions are final only after the layout is set; captions go just under each row.
+    fig.subplots_adjust(hspace=0.35, wspace=0.05, left=0.02, right=0.98, top=0.96, bottom=0.04)
+    for i, s in enumerate(chosen):
+        fig.text(0.5, axes[i, 0].get_position().y0 - 0.006, textwrap.fill(s.text, 110), ha="center", va="top",
+                 fontsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

@@ -20,7 +20,8 @@ CPU performance notes (2-core AVX2 machine, measured with ``benchmarks/throughpu
   weight-gradient kernels are several times slower on AVX2 (LViT-T trains ~30%
   slower channels_last);
 - glibc unmaps large freed activations after every step and the next step pays
-  the page faults again (~10% of a 2-core LViT-T training step is kernel time);
+  the page faults again (10-15% of a 2-core LViT-T training step is kernel time;
+  one quiet run went from 0.48 to 0.62 img/s without it);
   ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776`` in the environment
   of the training process avoids it (``benchmarks/throughput.py --malloc-tuning``);
 - on a machine shared with other jobs, set ``OMP_WAIT_POLICY=PASSIVE``: with the
