@@ -6,7 +6,8 @@
     python benchmarks/accuracy.py --data ../shared/data/MoNuSeg --presets unet lvit-tw lvit-t \
         --seeds 0 --tier cpu --out bench/monuseg --split Val
 
-Runs that already have metrics.json are reused (delete them to retrain), so an
+Each run trains in a child process (its peak memory is its own); runs that already
+have metrics.json are reused (delete them to retrain), so an
 interrupted benchmark continues where it stopped. Prints mean ± std over seeds
 (in %) and the wall-clock of each training run; writes ``<out>/results.md``.
 """
@@ -14,21 +15,14 @@ interrupted benchmark continues where it stopped. Prints mean ± std over seeds
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from pathlib import Path
 
-from medtextseg.config import load_preset
-from medtextseg.engine import train
+from runs import fmt, train_in_child
+
 from medtextseg.utils import atomic_write_text
 
 KEYS = ("dice", "iou", "dice_orig", "iou_orig")
-
-
-def fmt(xs: list[float]) -> str:
-    xs = [100 * x for x in xs]
-    return f"{xs[0]:.2f}" if len(xs) == 1 else f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
 
 
 def main() -> None:
@@ -45,25 +39,20 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for preset in args.presets:
         for seed in args.seeds:
-            run = args.out / f"{preset}-s{seed}"
-            metrics_file, timing_file = run / "metrics.json", run / "wallclock.json"
-            if not metrics_file.is_file():
-                cfg = load_preset(preset, args.tier, [f"train.seed={seed}", *args.overrides])
-                t0 = time.perf_counter()
-                train(cfg, args.data, run, overwrite=True, progress=False)
-                atomic_write_text(timing_file, json.dumps({"seconds": time.perf_counter() - t0}))
-            m = json.loads(metrics_file.read_text())
-            m["seconds"] = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else float("nan")
+            m = train_in_child(preset, args.tier, [f"train.seed={seed}", *args.overrides], args.data,
+                               args.out / f"{preset}-s{seed}")
             results.setdefault(preset, []).append(m)
             print(f"{preset} seed {seed}: Dice {100 * m[args.split]['dice']:.2f}  ({m['seconds']:.0f} s)", flush=True)
 
-    head = ["Model", "Params (M)", "Seeds", "Dice %", "IoU %", "Dice % (orig.)", "IoU % (orig.)", "Train time (s/run)"]
-    lines = [f"{args.data} — {args.split} split, tier {args.tier}", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["Model", "Params (M)", "Seeds", "Dice %", "IoU %", "Dice % (orig.)", "IoU % (orig.)",
+            "Train time (s/run)", "Peak MiB"]
+    lines = [f"{args.data} — {args.split} split, tier {args.tier}, overrides: {' '.join(args.overrides) or 'none'}",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for preset, ms in results.items():
         secs = statistics.mean(m["seconds"] for m in ms)
         lines.append("| " + " | ".join([preset, f"{ms[0]['model']['parameters'] / 1e6:.2f}", str(len(ms)),
-                                        *[fmt([m[args.split][k] for m in ms]) for k in KEYS], f"{secs:.0f}"]) + " |")
+                                        *[fmt([m[args.split][k] for m in ms]) for k in KEYS], f"{secs:.0f}",
+                                        f"{max(m['peak_mib'] for m in ms):.0f}"]) + " |")
     table = "\n".join(lines)
     print(table)
     atomic_write_text(args.out / "results.md", table + "\n")

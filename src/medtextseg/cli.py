@@ -98,8 +98,10 @@ def check_data(
 def train(
     preset: Annotated[str, typer.Option(help="Preset name (see `medtextseg models`).")],
     data: Annotated[Path, typer.Option(help="Dataset folder (LViT layout) or CSV manifest.")],
-    out: Annotated[Path, typer.Option(help="Run directory to create.")],
+    out: Annotated[Path | None, typer.Option(help="Run directory to create (default: runs/<preset>-<tier>[-r<ratio>]-s<seed>).")] = None,
     tier: Annotated[str, typer.Option(help="smoke (seconds) | cpu (minutes on 2 cores) | paper (the paper's setting).")] = "cpu",
+    labeled_ratio: Annotated[float | None, typer.Option(help="Keep the masks of this fraction of the Train images (seeded split, written to split.json).")] = None,
+    labeled_ids: Annotated[Path | None, typer.Option(help="Keep the masks of these Train ids only: a split.json of another run or a text file, one id per line.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set optim.lr=3e-4 (repeatable).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
@@ -119,7 +121,14 @@ def train(
                        ("num_nodes", num_nodes), ("precision", precision), ("seed", seed)):
         if value is not None:
             overrides.append(f"train.{key}={value}")
+    if labeled_ratio is not None:
+        overrides.append(f"data.labeled_ratio={labeled_ratio}")
+    if labeled_ids is not None:
+        overrides.append(f"data.labeled_ids={labeled_ids}")
     cfg = load_preset(preset, tier, overrides)
+    if out is None:
+        ratio = f"-r{cfg.data.labeled_ratio:g}" if cfg.data.labeled_ratio < 1 or cfg.data.labeled_ids else ""
+        out = Path("runs") / f"{preset}-{tier}{ratio}-s{cfg.train.seed}"
     metrics = run_train(cfg, data, out, resume=resume, overwrite=overwrite)
     if metrics:
         _print_metrics(metrics, f"{out}")

@@ -72,6 +72,10 @@ class DataConfig:
     augment: str = "rotate"
     rotate_degrees: float = 20.0
     threshold: float = 0.5
+    # Semi-supervised splits (data/splits.py): keep the masks of this fraction of the
+    # labeled Train images, or of the ids listed in ``labeled_ids`` (a file).
+    labeled_ratio: float = 1.0
+    labeled_ids: str = ""
 
 
 @dataclass
@@ -91,6 +95,41 @@ class LossConfig:
 
     dice: float = 0.5
     ce: float = 0.5
+
+
+@dataclass
+class SemiConfig:
+    """Semi-supervised training (methods ``lvit_semi`` and ``mean_teacher``).
+
+    L = L_sup + w(epoch) · L_unsup, where w is 0 for ``warmup_epochs`` epochs of
+    supervised training, then rises along the sigmoid ramp exp(-5 (1 - t)^2)
+    (Laine & Aila 2017) over ``rampup_epochs`` to ``unsup_weight``.
+
+    LViT (Eq. 9, 17): ``epi`` refreshes every unlabeled image's pseudo label once per
+    generation (= epoch) as P_t = beta · P_{t-1} + (1 - beta) · p_t; ``epi: false``
+    uses the latest prediction alone (beta = 0, plain self-training), the ablation
+    of Table 2. ``lv_loss`` adds alpha · L_LV with the contrastive labels
+    ``lv_contrastive``: ``mean_per_text`` (mean labeled mask of each distinct text),
+    ``labeled`` (every labeled mask) or ``templates`` (masks + LV_loss.xlsx in
+    ``lv_templates``). Mean Teacher: EMA teacher ``ema_decay``, Gaussian input
+    noise ``noise_std`` clipped to ±2σ.
+    """
+
+    warmup_epochs: int = 5
+    rampup_epochs: int = 5
+    unsup_weight: float = 1.0
+    epi: bool = True
+    beta: float = 0.99
+    hard_labels: bool = True
+    bank_dtype: str = "float16"
+    # Banks larger than this live in a memory-mapped file in the run directory.
+    bank_memmap_mb: int = 1024
+    lv_loss: bool = True
+    lv_alpha: float = 0.1
+    lv_contrastive: str = "mean_per_text"
+    lv_templates: str = ""
+    ema_decay: float = 0.99
+    noise_std: float = 0.1
 
 
 @dataclass
@@ -124,6 +163,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:

@@ -4,6 +4,7 @@ A run directory holds::
 
     config.yaml        the resolved config (the only config a resume/evaluate reads)
     run.json           dataset path, text-encoder state, text width
+    split.json         labeled / unlabeled Train ids (only when data.labeled_ratio < 1 or labeled_ids)
     checkpoints/       best.ckpt (val Dice) and last.ckpt, written atomically
     logs/              csv/version_N/metrics.csv and tensorboard/version_N/ (one N per attempt)
     metrics.json       {split: {dice, iou, dice_orig, iou_orig, n}} per evaluated split
@@ -33,6 +34,7 @@ from medtextseg.config import Config, read_config, save_config
 from medtextseg.data.io import read_mask
 from medtextseg.data.module import SegDataModule, make_dataset, make_loader, mask_to_labels
 from medtextseg.data.sample import Sample
+from medtextseg.data.splits import SPLIT_FILE, LabeledSplit, apply_split, make_split
 from medtextseg.data.validation import validate_dataset
 from medtextseg.methods import SegMethod, method_class
 from medtextseg.metrics import binarize, dice_iou_per_image
@@ -106,7 +108,15 @@ def train(cfg: Config, data: Path, out: Path, *, resume: bool = False, overwrite
     data, out = Path(data), Path(out)
     if resume and (out / CONFIG_FILE).is_file():
         cfg = read_config(out / CONFIG_FILE)
-    samples = validate_dataset(data, num_classes=max(2, cfg.data.num_classes))
+    method_cls = method_class(cfg.method)
+    method_cls.check_config(cfg)
+    all_samples = validate_dataset(data, num_classes=max(2, cfg.data.num_classes))
+    split_file = out / SPLIT_FILE
+    if resume and split_file.is_file():
+        split = LabeledSplit.load(split_file)
+    else:
+        split = make_split(all_samples, cfg.data.labeled_ratio, cfg.data.labeled_ids, cfg.train.seed)
+    samples = apply_split(all_samples, split)
     if not any(s.split == "Train" and s.labeled for s in samples):
         raise RunError(f"{data} has no labeled Train images to train on")
     if not any(s.split == "Val" for s in samples):
@@ -122,8 +132,11 @@ def train(cfg: Config, data: Path, out: Path, *, resume: bool = False, overwrite
         save_config(cfg, out / CONFIG_FILE)
         atomic_write_json(out / RUN_FILE, {"data": str(data.resolve()), "text_state": encoder.state(),
                                            "text_dim": encoder.dim})
-    dm = SegDataModule(samples, encoder, cfg.data, seed=cfg.train.seed)
-    method = method_class(cfg.method)(cfg.to_dict(), text_state=encoder.state(), text_dim=encoder.dim)
+        if split is not None:
+            split.save(split_file)
+    dm = SegDataModule(samples, encoder, cfg.data, seed=cfg.train.seed, unlabeled_keys=method_cls.unlabeled_keys,
+                       withheld=all_samples)
+    method = method_cls(cfg.to_dict(), text_state=encoder.state(), text_dim=encoder.dim)
     ckpt_dir = out / "checkpoints"
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename=BEST, monitor=MONITOR, mode="max", save_top_k=1,
@@ -155,7 +168,7 @@ def train(cfg: Config, data: Path, out: Path, *, resume: bool = False, overwrite
     if not trainer.is_global_zero:
         return {}
     splits = [s for s in ("Val", "Test") if any(x.split == s for x in samples)]
-    return evaluate(out, data, splits=splits, samples=samples)
+    return evaluate(out, data, splits=splits, samples=all_samples)
 
 
 def resolve_checkpoint(run_or_ckpt: Path) -> tuple[Path, Path]:
@@ -237,7 +250,8 @@ def evaluate(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] 
         metrics[split] = {key: sum(r[key] for r in split_rows) / n for key in ("dice", "iou", "dice_orig", "iou_orig")}
         metrics[split]["n"] = n
         rows.extend(split_rows)
-    metrics["model"] = {"preset": cfg.preset, "tier": cfg.tier, "network": cfg.network.name,
+    metrics["model"] = {"preset": cfg.preset, "tier": cfg.tier, "method": cfg.method, "network": cfg.network.name,
+                        "labeled_ratio": cfg.data.labeled_ratio,
                         "use_text": cfg.network.use_text, "text_encoder": cfg.text.encoder,
                         "seed": cfg.train.seed,
                         "parameters": sum(p.numel() for p in method.parameters())}

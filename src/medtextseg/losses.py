@@ -53,3 +53,34 @@ def check_pair(logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> 
     expected = (logits.shape[0], 1, *logits.shape[2:])
     if tuple(target.shape) != expected:
         raise ValueError(f"expected target {expected} (B1HW), got {tuple(target.shape)}")
+
+
+def lv_loss(probs: torch.Tensor, contrast: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Language-Vision loss of LViT, Eq. 14-15 (appendix D, Eq. 26-27), per image.
+
+    L_LV = 1 - ImgSim, ImgSim = cos(x_img,p, x_img,c): the cosine between the
+    flattened predicted foreground probabilities and the flattened contrastive
+    label chosen by text similarity (Eq. 13). Identical masks give 0, disjoint
+    masks give 1; the cosine ignores the masks' overall scale, so a contrastive
+    label only says roughly *where* the lesion is, not its exact boundary.
+
+    Args:
+        probs: ``[B, 1, H, W]`` predicted probabilities in [0, 1].
+        contrast: ``[B, 1, H, W]`` contrastive labels in [0, 1] (binary or soft).
+
+    Returns:
+        ``[B]`` losses. An image whose contrastive label is empty has no defined
+        cosine; its loss is 0 (no gradient), the caller should also leave it out
+        of the mean (see :func:`lv_valid`).
+    """
+    if probs.shape != contrast.shape or probs.ndim != 4 or probs.shape[1] != 1:
+        raise ValueError(f"expected probs and contrast both [B, 1, H, W], got {tuple(probs.shape)} "
+                         f"and {tuple(contrast.shape)}")
+    p, c = probs.flatten(1).float(), contrast.flatten(1).float()
+    cos = (p * c).sum(1) / (p.norm(dim=1) * c.norm(dim=1)).clamp_min(eps)
+    return torch.where(lv_valid(contrast), 1.0 - cos, torch.zeros_like(cos))
+
+
+def lv_valid(contrast: torch.Tensor) -> torch.Tensor:
+    """``[B]`` bool: contrastive labels with some foreground (cosine defined)."""
+    return contrast.flatten(1).amax(dim=1) > 0

@@ -19,13 +19,14 @@ A batch is a dict:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import lightning as L
 import numpy as np
 import torch
 from monai import transforms as mt
+from monai.data import MetaTensor
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
@@ -55,24 +56,30 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))[None].copy()
 
 
-def build_augmentation(cfg: DataConfig) -> mt.Compose | None:
-    """Spatial augmentation applied identically to image and mask.
+def build_augmentation(cfg: DataConfig, map_keys: Sequence[str] = ()) -> mt.Compose | None:
+    """Spatial augmentation applied identically to the image, its mask and ``map_keys``.
 
     ``lvit``: the official recipe (p = 0.5 random quarter turn + flip, otherwise
     p = 0.5 rotation within ±``rotate_degrees``). ``rotate``: only the rotation,
     the default, because quarter turns and flips contradict position words
-    ("upper left lung") in the text.
+    ("upper left lung") in the text. ``map_keys`` name float ``[C, S, S]`` maps
+    (pseudo labels, contrastive labels) that must follow the image's geometry;
+    they are interpolated bilinearly, masks with nearest neighbour.
     """
     if cfg.augment not in AUGMENTATIONS:
         raise ValueError(f"data.augment must be one of {AUGMENTATIONS}, got {cfg.augment!r}")
     if cfg.augment == "none":
         return None
-    keys = ["image", "mask"]
+    keys = ["image", "mask", *map_keys]
+    modes = ("bilinear", "nearest", *("bilinear" for _ in map_keys))
     radians = float(np.deg2rad(cfg.rotate_degrees))
-    rotate = mt.RandRotated(keys, range_x=radians, prob=0.5, mode=("bilinear", "nearest"), padding_mode="zeros")
+    # Unlabeled images have no "mask": the same transform must skip it, not fail.
+    rotate = mt.RandRotated(keys, range_x=radians, prob=0.5, mode=modes, padding_mode="zeros",
+                            allow_missing_keys=True)
     if cfg.augment == "rotate":
         return mt.Compose([rotate])
-    turn_flip = mt.Compose([mt.RandRotate90d(keys, prob=1.0, spatial_axes=(0, 1)), mt.RandFlipd(keys, prob=1.0, spatial_axis=1)])
+    turn_flip = mt.Compose([mt.RandRotate90d(keys, prob=1.0, spatial_axes=(0, 1), allow_missing_keys=True),
+                            mt.RandFlipd(keys, prob=1.0, spatial_axis=1, allow_missing_keys=True)])
     return mt.Compose([mt.OneOf([turn_flip, rotate])])
 
 
@@ -85,7 +92,14 @@ class SegDataset(Dataset):
         masks: ``[N, 1, S, S]`` uint8 labels, or None (no sample has a mask).
         text_features: ``[U, L]`` int64 or ``[U, L, D]`` float, one row per unique text.
         text_index: ``[N]`` row of ``text_features`` for each sample.
-        transform: MONAI dict transform over ``image``/``mask``, or None.
+        transform: MONAI dict transform over ``image``/``mask`` (+ the map keys), or None.
+
+    Attributes:
+        targets: optional ``targets(i) -> {key: FloatTensor [C, S, S]}``, maps in the
+            unaugmented frame that a method attaches (EPI pseudo labels, LV contrastive
+            labels); they go through the same random transform as the image.
+        hidden_masks: ``[N, 1, S, S]`` masks that a labeled-ratio split withheld, kept
+            only to measure pseudo-label quality; never part of a batch.
     """
 
     def __init__(self, samples: Sequence[Sample], images: np.ndarray, masks: np.ndarray | None,
@@ -96,6 +110,12 @@ class SegDataset(Dataset):
         self.text_features = text_features
         self.text_index = torch.as_tensor(text_index, dtype=torch.long)
         self.transform = transform
+        self.targets: Callable[[int], dict[str, torch.Tensor]] | None = None
+        self.hidden_masks: np.ndarray | None = None
+
+    def plain(self) -> SegDataset:
+        """The same images and texts without augmentation or targets (shares memory)."""
+        return SegDataset(self.samples, self.images, self.masks, self.text_features, self.text_index.numpy())
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -104,9 +124,13 @@ class SegDataset(Dataset):
         item = {"image": torch.from_numpy(self.images[i]).float().div_(255.0)}
         if self.masks is not None:
             item["mask"] = torch.from_numpy(self.masks[i]).float()
+        if self.targets is not None:
+            item.update(self.targets(i))
         if self.transform is not None:
-            item = self.transform(item)
-            item = {k: torch.as_tensor(v) for k, v in item.items()}
+            # MONAI returns MetaTensors; a batch of them would send every operation of the
+            # network through MetaTensor.__torch_function__ (several times slower on CPU).
+            item = {k: v.as_tensor() if isinstance(v, MetaTensor) else torch.as_tensor(v)
+                    for k, v in self.transform(item).items()}
         if "mask" in item:
             item["mask"] = item["mask"].round().long()
         item["text"] = self.text_features[self.text_index[i]]
@@ -116,7 +140,7 @@ class SegDataset(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    out = {k: torch.stack([it[k] for it in items]) for k in ("image", "mask", "text") if k in items[0]}
+    out = {k: torch.stack([it[k] for it in items]) for k, v in items[0].items() if isinstance(v, torch.Tensor)}
     out["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
     out["id"] = [it["id"] for it in items]
     return out
@@ -147,14 +171,17 @@ def load_arrays(samples: Sequence[Sample], cfg: DataConfig, with_masks: bool, th
 
 
 def make_dataset(samples: Sequence[Sample], encoder, cfg: DataConfig, *, train: bool = False,
-                 seed: int = 0) -> SegDataset:
-    """Build a dataset for any list of samples (masks are used when all samples have one)."""
+                 seed: int = 0, map_keys: Sequence[str] = ()) -> SegDataset:
+    """Build a dataset for any list of samples (masks are used when all samples have one).
+
+    ``map_keys``: names of the per-sample maps a method will attach as ``targets``
+    (their augmentation must be built with them)."""
     texts = sorted({s.text for s in samples})
     row = {t: i for i, t in enumerate(texts)}
     features = encoder.features(texts) if texts else torch.zeros(0)
     with_masks = bool(samples) and all(s.mask_path is not None for s in samples)
     images, masks = load_arrays(samples, cfg, with_masks)
-    transform = build_augmentation(cfg) if train else None
+    transform = build_augmentation(cfg, map_keys) if train else None
     if transform is not None:
         transform.set_random_state(seed=seed)
     return SegDataset(samples, images, masks, features, np.array([row[s.text] for s in samples]), transform)
@@ -168,38 +195,77 @@ def make_loader(dataset: SegDataset, batch_size: int, *, shuffle: bool, num_work
 
 
 class SegDataModule(L.LightningDataModule):
-    """Train (labeled), Val and Test loaders over validated samples.
+    """Train (labeled), Unlabeled, Val and Test data over validated samples.
 
     Args:
-        samples: every record of the dataset (all splits).
+        samples: every record of the dataset (all splits), after any labeled-ratio
+            split (unlabeled Train images have ``mask_path=None``).
         encoder: a fitted :class:`medtextseg.text.encoders.TextEncoder`.
         cfg: the data section of the run config.
-        seed: seeds the augmentation stream.
+        seed: seeds the augmentation streams.
+        unlabeled_keys: ``None`` for supervised methods (unlabeled images are not
+            loaded); otherwise the names of the maps the method attaches to the
+            unlabeled images (may be empty), and training batches become
+            ``{"labeled": batch, "unlabeled": batch}``.
+        withheld: the samples before the split, to keep the withheld masks of the
+            unlabeled images for pseudo-label diagnostics (``SegDataset.hidden_masks``).
     """
 
-    def __init__(self, samples: Sequence[Sample], encoder, cfg: DataConfig, seed: int = 0):
+    def __init__(self, samples: Sequence[Sample], encoder, cfg: DataConfig, seed: int = 0,
+                 unlabeled_keys: Sequence[str] | None = None, withheld: Sequence[Sample] | None = None):
         super().__init__()
         self.samples = list(samples)
         self.encoder = encoder
         self.cfg = cfg
         self.seed = seed
+        self.unlabeled_keys = None if unlabeled_keys is None else tuple(unlabeled_keys)
+        self.withheld = {(s.split, s.id): s for s in withheld or [] if s.labeled}
         self.datasets: dict[str, SegDataset] = {}
 
     def split(self, name: str, labeled_only: bool = False) -> list[Sample]:
         return [s for s in self.samples if s.split == name and (s.labeled or not labeled_only)]
 
     def setup(self, stage: str | None = None) -> None:
-        if "Train" not in self.datasets:
-            self.datasets["Train"] = make_dataset(self.split("Train", labeled_only=True), self.encoder, self.cfg,
-                                                  train=True, seed=self.seed)
-            self.datasets["Val"] = make_dataset(self.split("Val"), self.encoder, self.cfg)
+        if "Train" in self.datasets:
+            return
+        self.datasets["Train"] = make_dataset(self.split("Train", labeled_only=True), self.encoder, self.cfg,
+                                              train=True, seed=self.seed)
+        self.datasets["Val"] = make_dataset(self.split("Val"), self.encoder, self.cfg)
+        if self.unlabeled_keys is not None:
+            unlabeled = [s for s in self.split("Train") if not s.labeled]
+            # A different stream from the labeled images', so the two halves of a batch
+            # are not rotated in lockstep.
+            ds = make_dataset(unlabeled, self.encoder, self.cfg, train=True, seed=self.seed + 1,
+                              map_keys=self.unlabeled_keys)
+            hidden = [self.withheld.get(("Train", s.id)) for s in unlabeled]
+            if unlabeled and all(h is not None for h in hidden):
+                ds.hidden_masks = load_arrays(hidden, self.cfg, with_masks=True)[1]
+            self.datasets["Unlabeled"] = ds
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self):
+        """Supervised: the labeled loader. Semi-supervised: ``batch_size`` labeled and
+        ``batch_size`` unlabeled images per step (the convention of Mean Teacher
+        implementations), so the supervised term sees the same batches as supervised
+        training; the longer of the two sets defines the epoch, the other is cycled."""
         ds = self.datasets["Train"]
         # Drop a last batch of one: BatchNorm cannot train on a single image.
-        drop = len(ds) % self.cfg.batch_size == 1
-        return make_loader(ds, self.cfg.batch_size, shuffle=True, num_workers=self.cfg.num_workers, drop_last=drop)
+        drop = len(ds) % self.cfg.batch_size == 1 and len(ds) > self.cfg.batch_size
+        labeled = make_loader(ds, self.cfg.batch_size, shuffle=True, num_workers=self.cfg.num_workers, drop_last=drop)
+        if self.unlabeled_keys is None:
+            return labeled
+        if not len(self.datasets["Unlabeled"]):
+            return {"labeled": labeled}
+        from lightning.pytorch.utilities import CombinedLoader
+
+        unlabeled = make_loader(self.datasets["Unlabeled"], self.cfg.batch_size, shuffle=True,
+                                num_workers=self.cfg.num_workers)
+        return CombinedLoader({"labeled": labeled, "unlabeled": unlabeled}, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:
         return make_loader(self.datasets["Val"], self.cfg.eval_batch_size, shuffle=False,
+                           num_workers=self.cfg.num_workers)
+
+    def plain_loader(self, name: str) -> DataLoader:
+        """Loader over a dataset without augmentation, in order (pseudo-label refresh)."""
+        return make_loader(self.datasets[name].plain(), self.cfg.eval_batch_size, shuffle=False,
                            num_workers=self.cfg.num_workers)

@@ -31,13 +31,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medtextseg.data.io import IMAGE_SUFFIXES
+import numpy as np
+
+from medtextseg.data.io import IMAGE_SUFFIXES, read_image
 from medtextseg.data.sample import SPLITS, Sample
 from medtextseg.data.validation import Problem
 
 __all__ = [
     "DatasetError",
     "normalise_split",
+    "read_contrastive_templates",
     "read_dataset",
     "read_dataset_with_problems",
 ]
@@ -505,3 +508,33 @@ def _read_manifest(
     # Stable sort keeps the manifest's own order within a split.
     samples.sort(key=lambda s: order[s.split])
     return samples, problems
+
+
+def read_contrastive_templates(folder: str | os.PathLike) -> list[tuple[str, np.ndarray]]:
+    """Template masks of the LViT LV loss: ``(description, [H, W] bool)`` per row.
+
+    The folder holds the masks and a table (``LV_loss.xlsx`` or any single
+    ``.xlsx``/``.csv``) with columns ``Image, Description``, like
+    ``qata_lv_templates/``. Masks may be anti-aliased or palette images: they are
+    read as gray levels through their palette and thresholded at half intensity.
+    """
+
+    root = Path(folder)
+    tables = sorted(p for p in root.glob("*") if p.suffix.lower() in _TEXT_SUFFIXES) if root.is_dir() else []
+    preferred = [p for p in tables if p.stem.lower() == "lv_loss"]
+    if not (preferred or len(tables) == 1):
+        raise DatasetError(f"{root}: expected a folder with template masks and one table (LV_loss.xlsx) with "
+                           "columns Image, Description; set semi.lv_templates to such a folder")
+    table, problems = _load_text_table((preferred or tables)[0])
+    if table is None or problems:
+        raise DatasetError("; ".join(f"{p.file}: {p.message} ({p.fix})" for p in problems))
+    out = []
+    for rows in table.rows_by_stem.values():
+        row = rows[0]
+        path = root / row.key
+        if not path.is_file():
+            raise DatasetError(f"{table.path} row {row.row} names {row.key}, which is not in {root}")
+        if not row.text:
+            raise DatasetError(f"{table.path} row {row.row} has no Description; write the template's text")
+        out.append((row.text, read_image(path).astype(np.float32).mean(axis=-1) > 127.5))
+    return out

@@ -4,6 +4,8 @@ optimiser, and validation by per-image Dice/IoU. A method subclasses
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 
@@ -21,11 +23,18 @@ class NonFiniteLossError(RuntimeError):
 class SegMethod(L.LightningModule):
     """Base LightningModule: ``forward(images [B,C,H,W], text [B,L] | [B,L,D]) -> logits [B,K,H,W]``.
 
+    ``unlabeled_keys`` tells the engine what data the method trains on: ``None``
+    (supervised: labeled images only, batches as in :mod:`medtextseg.data.module`)
+    or the names of the per-image maps the method attaches to the unlabeled
+    images (semi-supervised: batches are ``{"labeled": ..., "unlabeled": ...}``).
+
     Args:
         config: the resolved run config as a dict (saved in the checkpoint).
         text_state: the text encoder's ``state()`` (the vocabulary of a learned encoder).
         text_dim: D, width of the token embeddings the network receives.
     """
+
+    unlabeled_keys: tuple[str, ...] | None = None
 
     def __init__(self, config: dict, text_state: dict | None = None, text_dim: int = 256):
         super().__init__()
@@ -44,6 +53,10 @@ class SegMethod(L.LightningModule):
         self.sup_loss = DiceCE(cfg.data.num_classes, cfg.loss.dice, cfg.loss.ce)
         if cfg.train.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Raise ``ValueError`` for a config this method cannot train (called before anything is written)."""
 
     def forward(self, images: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         if self.cfg.train.channels_last:
@@ -76,3 +89,43 @@ class SegMethod(L.LightningModule):
             raise ValueError(f"optim.scheduler must be 'cosine_restarts' or 'none', got {o.scheduler!r}")
         sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=o.t0, eta_min=o.eta_min)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def sigmoid_rampup(progress: float) -> float:
+    """exp(-5 (1 - t)^2) for t = clip(progress, 0, 1) (Laine & Aila 2017, Tarvainen & Valpola 2017)."""
+    t = min(max(progress, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+class SemiSupervised(SegMethod):
+    """Base of the semi-supervised methods: L = L_sup + w · L_unsup on batches
+    ``{"labeled": batch, "unlabeled": batch}``.
+
+    w = 0 during ``semi.warmup_epochs`` (supervised warm-up), then
+    ``semi.unsup_weight`` · :func:`sigmoid_rampup` over ``semi.rampup_epochs``,
+    evaluated at fractional epochs so it rises smoothly within an epoch.
+    """
+
+    unlabeled_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.data.num_classes != 1:
+            raise ValueError(f"{cls.__name__} supports binary segmentation (data.num_classes=1), "
+                             f"got {cfg.data.num_classes} classes")
+
+    def unsup_weight(self, batch_idx: int = 0) -> float:
+        s = self.cfg.semi
+        epoch = float(self.current_epoch)
+        n = self._trainer.num_training_batches if self._trainer is not None else 0
+        if 0 < n < float("inf"):
+            epoch += batch_idx / n
+        since = epoch - s.warmup_epochs
+        if since < 0:
+            return 0.0
+        return s.unsup_weight * (sigmoid_rampup(since / s.rampup_epochs) if s.rampup_epochs > 0 else 1.0)
+
+    @staticmethod
+    def join(labeled: dict, unlabeled: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward for both halves: images ``[B_l + B_u, C, H, W]`` and their texts."""
+        return torch.cat([labeled["image"], unlabeled["image"]]), torch.cat([labeled["text"], unlabeled["text"]])

@@ -1,0 +1,90 @@
+"""Shared by the accuracy benchmarks: train one configuration in a child process
+(so its peak memory is its own), reuse finished runs, and format mean ± std.
+
+A finished run holds ``metrics.json`` and ``bench.json`` (wall-clock seconds,
+epochs trained, seconds per epoch, peak resident MiB); delete the run folder to
+train it again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from medtextseg.utils import atomic_write_json
+
+BENCH_FILE = "bench.json"
+
+
+def fmt(xs: list[float], scale: float = 100.0) -> str:
+    xs = [scale * x for x in xs]
+    if not xs:
+        return "—"
+    return f"{xs[0]:.2f}" if len(xs) == 1 else f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+
+
+def logged(run: Path, key: str) -> list[tuple[int, float]]:
+    """(epoch, value) of a logged metric over all attempts of a run, e.g. ``epi/pseudo_dice``."""
+    out = []
+    for f in sorted((run / "logs" / "csv").glob("version_*/metrics.csv")):
+        with open(f) as h:
+            out += [(int(r["epoch"]), float(r[key])) for r in csv.DictReader(h) if r.get(key)]
+    return out
+
+
+def train_in_child(preset: str, tier: str, overrides: list[str], data: Path, run: Path) -> dict:
+    """Train (or reuse) one run; returns its metrics.json merged with bench.json."""
+    metrics_file, bench_file, legacy = run / "metrics.json", run / BENCH_FILE, run / "wallclock.json"
+    if metrics_file.is_file() and not bench_file.is_file() and legacy.is_file():
+        # Runs of the first accuracy script kept only the wall-clock.
+        nan = float("nan")
+        bench = {"seconds": json.loads(legacy.read_text())["seconds"], "epochs": 0, "seconds_per_epoch": nan,
+                 "epoch_seconds": [], "peak_mib": nan}
+        return {**json.loads(metrics_file.read_text()), **bench}
+    if not (metrics_file.is_file() and bench_file.is_file()):
+        spec = json.dumps({"preset": preset, "tier": tier, "overrides": overrides, "data": str(data), "run": str(run)})
+        subprocess.run([sys.executable, __file__, spec], check=True)
+    return {**json.loads(metrics_file.read_text()), **json.loads(bench_file.read_text())}
+
+
+def _child(spec: dict) -> None:
+    import lightning as L
+
+    from medtextseg.config import load_preset
+    from medtextseg.engine import train
+
+    class EpochTimer(L.Callback):
+        """Wall-clock of each epoch: training steps, validation and (for EPI) the refresh."""
+
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_train_epoch_start(self, trainer, module):
+            self.t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, module):
+            self.times.append(time.perf_counter() - self.t0)
+
+    run = Path(spec["run"])
+    cfg = load_preset(spec["preset"], spec["tier"], spec["overrides"])
+    timer = EpochTimer()
+    t0 = time.perf_counter()
+    train(cfg, Path(spec["data"]), run, overwrite=True, progress=False, extra_callbacks=[timer])
+    atomic_write_json(run / BENCH_FILE, {
+        "seconds": time.perf_counter() - t0, "epochs": len(timer.times),
+        # Median of the second half: past the first epoch and the cheaper supervised warm-up
+        # epochs of the semi-supervised methods (all epochs are in "epoch_seconds").
+        "seconds_per_epoch": statistics.median(timer.times[len(timer.times) // 2:]) if timer.times else float("nan"),
+        "epoch_seconds": timer.times,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    })
+
+
+if __name__ == "__main__":
+    _child(json.loads(sys.argv[1]))

@@ -1,0 +1,84 @@
+"""Mean Teacher (Tarvainen & Valpola, NeurIPS 2017), the semi-supervised baseline of
+the LViT, DuSSS and TextMoE comparisons.
+
+The student is trained on L = L_sup + w · L_cons, where L_cons is the mean squared
+difference between the student's and the teacher's foreground probabilities on
+the unlabeled images, each seeing its own Gaussian input noise (σ =
+``semi.noise_std``, clipped to ±2σ) on top of the shared spatial augmentation. The
+teacher is the exponential moving average of the student,
+θ' ← α θ' + (1 - α) θ with α = min(1 - 1/(step + 1), ``semi.ema_decay``) (the
+paper's warm-start: early on the teacher follows the student closely). Buffers
+(BatchNorm statistics) are averaged the same way. The student is what is
+validated, checkpointed as the model and used for prediction; the teacher is
+saved in the checkpoint so a resumed run continues with it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from medtextseg.methods.base import SemiSupervised
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
+    """θ' ← α θ' + (1 - α) θ for every parameter and floating-point buffer;
+    integer buffers (BatchNorm's batch counter) are copied."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.lerp_(s.detach(), 1.0 - alpha)
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        if t.is_floating_point():
+            t.lerp_(s, 1.0 - alpha)
+        else:
+            t.copy_(s)
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """α = min(1 - 1/(step + 1), decay): the teacher averages over the steps so far
+    until there are 1/(1 - decay) of them."""
+    return min(1.0 - 1.0 / (step + 1), decay)
+
+
+class MeanTeacher(SemiSupervised):
+    """Mean Teacher over any network (the preset uses U-Net, as the papers do).
+
+    Batch: ``{"labeled": {image, mask, text}, "unlabeled": {image, text}}``.
+    """
+
+    unlabeled_keys = ()
+
+    def __init__(self, config: dict, text_state: dict | None = None, text_dim: int = 256):
+        super().__init__(config, text_state, text_dim)
+        self.teacher = copy.deepcopy(self.net)
+        self.teacher.requires_grad_(False)
+
+    def noisy(self, images: torch.Tensor) -> torch.Tensor:
+        std = self.cfg.semi.noise_std
+        return images + (torch.randn_like(images) * std).clamp(-2 * std, 2 * std)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        lab, unl = batch["labeled"], batch.get("unlabeled")
+        w = self.unsup_weight(batch_idx)
+        if unl is None:
+            logits = self(lab["image"], lab["text"])
+            loss = self.check_finite(self.sup_loss(logits, lab["mask"]))
+            self.log("train/loss", loss, batch_size=len(logits), prog_bar=True)
+            return loss
+        n_l = len(lab["image"])
+        images, texts = self.join(lab, unl)
+        logits = self(torch.cat([images[:n_l], self.noisy(images[n_l:])]), texts)
+        l_sup = self.sup_loss(logits[:n_l], lab["mask"])
+        with torch.no_grad():
+            tokens = self.text_embedder(unl["text"]) if self.use_text else None
+            teacher_probs = torch.sigmoid(self.teacher(self.noisy(unl["image"]), tokens).float())
+        l_cons = F.mse_loss(torch.sigmoid(logits[n_l:].float()), teacher_probs)
+        loss = self.check_finite(l_sup + w * l_cons)
+        self.log("train/loss", loss, batch_size=len(logits), prog_bar=True)
+        self.log_dict({"train/sup": l_sup, "train/consistency": l_cons, "train/w": w}, batch_size=len(logits))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        ema_update(self.teacher, self.net, ema_decay(self.global_step, self.cfg.semi.ema_decay))
