@@ -60,16 +60,22 @@ def _child(spec: dict) -> None:
     from medtextseg.engine import train
 
     class EpochTimer(L.Callback):
-        """Wall-clock of each epoch: training steps, validation and (for EPI) the refresh."""
+        """Wall-clock from one epoch's start to the next (the last: to the end of fit):
+        training steps, validation, the method's epoch-end work (EPI refresh) and saving."""
 
         def __init__(self):
+            self.starts: list[float] = []
             self.times: list[float] = []
 
         def on_train_epoch_start(self, trainer, module):
-            self.t0 = time.perf_counter()
+            now = time.perf_counter()
+            if self.starts:
+                self.times.append(now - self.starts[-1])
+            self.starts.append(now)
 
-        def on_train_epoch_end(self, trainer, module):
-            self.times.append(time.perf_counter() - self.t0)
+        def on_train_end(self, trainer, module):
+            if self.starts:
+                self.times.append(time.perf_counter() - self.starts[-1])
 
     run = Path(spec["run"])
     cfg = load_preset(spec["preset"], spec["tier"], spec["overrides"])

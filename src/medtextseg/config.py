@@ -121,7 +121,7 @@ class SemiConfig:
     epi: bool = True
     beta: float = 0.99
     hard_labels: bool = True
-    bank_dtype: str = "float16"
+    bank_dtype: str = "float32"
     # Banks larger than this live in a memory-mapped file in the run directory.
     bank_memmap_mb: int = 1024
     lv_loss: bool = True

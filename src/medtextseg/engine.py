@@ -138,13 +138,16 @@ def train(cfg: Config, data: Path, out: Path, *, resume: bool = False, overwrite
                        withheld=all_samples)
     method = method_cls(cfg.to_dict(), text_state=encoder.state(), text_dim=encoder.dim)
     ckpt_dir = out / "checkpoints"
+    # Saved at train-epoch end, i.e. after validation and after the method's
+    # on_train_epoch_end (where EPI refreshes its bank), so a checkpoint holds the
+    # state the next epoch starts from.
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename=BEST, monitor=MONITOR, mode="max", save_top_k=1,
-                        enable_version_counter=False),
+                        enable_version_counter=False, save_on_train_epoch_end=True),
         # Lightning's save_last only writes when the best checkpoint improved; a resumable
         # run needs the latest epoch every epoch, so an unmonitored checkpoint keeps it.
         ModelCheckpoint(dirpath=ckpt_dir, filename=LAST, monitor=None, save_top_k=1, every_n_epochs=1,
-                        enable_version_counter=False),
+                        enable_version_counter=False, save_on_train_epoch_end=True),
         EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.train.patience, check_finite=True),
         *(extra_callbacks or []),
     ]

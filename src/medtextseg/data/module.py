@@ -245,8 +245,11 @@ class SegDataModule(L.LightningDataModule):
     def train_dataloader(self):
         """Supervised: the labeled loader. Semi-supervised: ``batch_size`` labeled and
         ``batch_size`` unlabeled images per step (the convention of Mean Teacher
-        implementations), so the supervised term sees the same batches as supervised
-        training; the longer of the two sets defines the epoch, the other is cycled."""
+        implementations), so the supervised term has the batch size of supervised
+        training. The longer of the two sets defines the epoch and the other is
+        cycled: at 25 % labels an epoch passes over the labeled images three times,
+        so epoch-based settings (warm-up, ramp, patience, EPI generations) span
+        three times the labeled steps of a supervised epoch on those images."""
         ds = self.datasets["Train"]
         # Drop a last batch of one: BatchNorm cannot train on a single image.
         drop = len(ds) % self.cfg.batch_size == 1 and len(ds) > self.cfg.batch_size

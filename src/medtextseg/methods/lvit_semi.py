@@ -5,9 +5,10 @@ with L = L_sup + w · L_unsup, L_unsup = (L_Dice + L_CE)/2 + α · L_LV (Eq. 16-
 The authors never released this half of LViT; the choices the paper leaves open:
 
 **Generation.** Eq. 9 updates P_t from "the prediction of model M_{t-1}", one
-model per generation. A generation here is one training epoch: at the start of
-every epoch after the warm-up, the current model (eval mode, no augmentation)
-predicts every unlabeled image once and the bank is updated,
+model per generation. A generation here is one training epoch: at the end of
+every epoch that is followed by a post-warm-up epoch, the model just trained
+(eval mode, no augmentation) predicts every unlabeled image once and the bank is
+updated,
 P_t = β · P_{t-1} + (1 - β) · p_t, the first generation setting P_0 = p_1 (the
 paper's P_0 ≈ P_1 in Eq. 12). Epochs are the natural unit of the proof: its
 assumption is that the *weights* dither around an optimum over the last n
@@ -15,9 +16,12 @@ generations, which needs a generation to be long enough for the weights to move
 (one optimizer step is not), and n = 1/(1 - β) generations form the averaging
 window — 100 epochs at β = 0.99, which fits the paper's runs (early stopping
 with patience 50 over hundreds of epochs). Short runs (the ``cpu`` tier) use a
-smaller β so the window fits the epochs they have. Refreshing at the *start* of
-an epoch also makes the checkpoint written at the end of the previous epoch
-hold exactly the bank that the resumed run continues from.
+smaller β so the window fits the epochs they have. The refresh runs in the
+module's ``on_train_epoch_end``, after validation and before the checkpoint
+callbacks save (the engine saves on train-epoch end), so ``last.ckpt`` holds the
+bank the next epoch trains on, and the next epoch's data loader (and its
+workers) is only created afterwards. (With ``semi.warmup_epochs = 0`` the first
+generation is made in ``on_train_start``.)
 
 **Frame.** The bank stores P_t at network resolution in the unaugmented frame;
 the data module passes it through the same random transform as the image, so
@@ -64,39 +68,61 @@ class PseudoLabelBank:
     """EPI pseudo labels: P_t ``[N, 1, S, S]`` foreground probabilities of the N
     unlabeled images in the unaugmented frame, updated by Eq. 9.
 
-    Stored as float16 (2 bytes per pixel; QaTa's 7,145 training images at 224² take
-    0.7 GB) or float32, in memory or, when ``path`` is given, in a memory-mapped
-    file. Arithmetic is done in float32 and rounded once per update: float16 keeps
-    steps of (1 - β)·Δ down to Δ ≈ 0.05 at β = 0.99, far below what moves a
-    pixel across the 0.5 threshold. (uint8 would not: 1/255 steps swallow every
-    update smaller than Δ ≈ 0.2 at β = 0.99.)
+    Stored as float32 (QaTa's 5,359 unlabeled images at 25 % labels and 224²: 1.0
+    GiB) in memory or, when ``path`` is given, in a memory-mapped file.
+    ``float16`` halves that but cannot hold slow EMA moves: at β = 0.99 a step
+    (1 - β)·Δ smaller than half the float16 spacing (2^-12 near 0.5) is rounded
+    away, so a pixel predicted 0.52 generation after generation stays at 0.5.
+
+    Data-loader workers read the bank while the main process updates it: with
+    ``shared`` the in-memory tensor lives in shared memory, and a memory-mapped
+    bank is reopened from its file by every worker (also under the spawn and
+    forkserver start methods, where a pickled tensor would become a copy).
 
     Args:
         n: number of unlabeled images.
         size: S, the network's input side.
         beta: momentum β of Eq. 9 (0 keeps only the latest prediction).
-        dtype: ``float16`` or ``float32``.
+        dtype: ``float32`` or ``float16``.
         path: file for a memory-mapped bank, or None for memory.
+        shared: put an in-memory bank in shared memory (needed with loader workers).
     """
 
-    def __init__(self, n: int, size: int, beta: float, dtype: str = "float16", path: Path | None = None):
+    def __init__(self, n: int, size: int, beta: float, dtype: str = "float32", path: Path | None = None,
+                 shared: bool = False):
         if dtype not in BANK_DTYPES:
             raise ValueError(f"semi.bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {dtype!r}")
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"semi.beta must be in [0, 1), got {beta}")
-        shape = (n, 1, size, size)
+        self.shape = (n, 1, size, size)
+        self.dtype = dtype
         self.beta = beta
         self.path = Path(path) if path is not None else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.data = torch.from_numpy(np.memmap(self.path, dtype=BANK_DTYPES[dtype], mode="w+", shape=shape))
+            self.data = self._open("w+")
         else:
-            # Shared memory: data-loader workers read the current labels, not a fork-time copy.
-            self.data = torch.zeros(shape, dtype=getattr(torch, dtype)).share_memory_()
+            self.data = torch.zeros(self.shape, dtype=getattr(torch, dtype))
+            if shared:
+                self.data.share_memory_()
         self.generation = 0
 
+    def _open(self, mode: str) -> torch.Tensor:
+        return torch.from_numpy(np.memmap(self.path, dtype=BANK_DTYPES[self.dtype], mode=mode, shape=self.shape))
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self.path is not None:
+            state["data"] = None  # reopened from the file, never copied
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.data is None:
+            self.data = self._open("r+")
+
     def __len__(self) -> int:
-        return self.data.shape[0]
+        return self.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -191,6 +217,8 @@ class LViTSemi(SemiSupervised):
         super().__init__(config, text_state, text_dim)
         self.bank: PseudoLabelBank | None = None
         self.has_contrast = False
+        # Lightning forbids self.log in setup/on_train_start: such stats wait for the next epoch.
+        self._pending_stats: dict[str, float] = {}
 
     # -- set-up: bank and contrastive labels, once per fit ------------------------------
     def setup(self, stage: str) -> None:
@@ -203,12 +231,13 @@ class LViTSemi(SemiSupervised):
             return
         s, size = self.cfg.semi, self.cfg.data.img_size
         nbytes = len(unl) * size * size * np.dtype(BANK_DTYPES.get(s.bank_dtype, np.float32)).itemsize
+        workers = self.cfg.data.num_workers > 0
         path = None
         if nbytes > s.bank_memmap_mb * 2**20:
             # One file per DDP rank: each rank keeps (identical) banks of its own.
             name = BANK_FILE if self.trainer.world_size == 1 else f"rank{self.global_rank}.{BANK_FILE}"
             path = Path(self.trainer.default_root_dir) / name
-        self.bank = PseudoLabelBank(len(unl), size, s.beta if s.epi else 0.0, s.bank_dtype, path)
+        self.bank = PseudoLabelBank(len(unl), size, s.beta if s.epi else 0.0, s.bank_dtype, path, shared=workers)
         contrast = match = None
         if s.lv_loss:
             lab = dm.datasets["Train"]
@@ -218,22 +247,32 @@ class LViTSemi(SemiSupervised):
             match, sim = match_by_text(encoder.similarity_vectors([x.text for x in unl.samples]),
                                        encoder.similarity_vectors(texts))
             self.has_contrast = True
-            self._lv_stats = {"lv/text_sim": float(sim.mean()), "lv/exact_text": float((sim > 1 - 1e-6).float().mean())}
+            self._pending_stats = {"lv/text_sim": float(sim.mean()),
+                                   "lv/exact_text": float((sim > 1 - 1e-6).float().mean())}
             if unl.hidden_masks is not None:
                 # Diagnostic only: how well the chosen contrastive labels fit the withheld masks.
                 hard = (contrast[match] > 0.5).long()
-                self._lv_stats["lv/contrast_dice"] = float(
+                self._pending_stats["lv/contrast_dice"] = float(
                     dice_iou_per_image(hard, torch.from_numpy(unl.hidden_masks).long(), 1)[0].mean())
         unl.targets = UnlabeledTargets(self.bank, contrast, match)
 
     # -- EPI generations -------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # warmup_epochs = 0 (or a resume into a post-warm-up epoch without a bank yet).
+        if self.bank is not None and self.bank.generation == 0 and self.current_epoch >= self.cfg.semi.warmup_epochs:
+            self._pending_stats.update(self.refresh_pseudo_labels())
+
     def on_train_epoch_start(self) -> None:
-        if self.bank is None:
+        if self._pending_stats:
+            self.log_dict(self._pending_stats, on_epoch=True)
+            self._pending_stats = {}
+
+    def on_train_epoch_end(self) -> None:
+        nxt = self.current_epoch + 1
+        # (Early stopping decides after this hook, so a stopped run pays one unused refresh.)
+        if self.bank is None or nxt < self.cfg.semi.warmup_epochs or nxt >= self.trainer.max_epochs:
             return
-        if getattr(self, "_lv_stats", None):
-            self.log_dict(self._lv_stats, on_epoch=True)
-        if self.current_epoch >= self.cfg.semi.warmup_epochs:
-            self.log_dict(self.refresh_pseudo_labels(), on_epoch=True)
+        self.log_dict(self.refresh_pseudo_labels(), on_epoch=True)
 
     @torch.no_grad()
     def refresh_pseudo_labels(self) -> dict[str, float]:

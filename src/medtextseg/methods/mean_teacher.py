@@ -8,7 +8,10 @@ the unlabeled images, each seeing its own Gaussian input noise (σ =
 teacher is the exponential moving average of the student,
 θ' ← α θ' + (1 - α) θ with α = min(1 - 1/(step + 1), ``semi.ema_decay``) (the
 paper's warm-start: early on the teacher follows the student closely). Buffers
-(BatchNorm statistics) are averaged the same way. The student is what is
+(BatchNorm statistics) are averaged the same way after every step. The
+teacher runs in train mode like the student (as in the original code), so its
+BatchNorm normalises with batch statistics, but with momentum 0 so that its own
+forward passes do not move the running statistics. The student is what is
 validated, checkpointed as the model and used for prediction; the teacher is
 saved in the checkpoint so a resumed run continues with it.
 """
@@ -54,6 +57,12 @@ class MeanTeacher(SemiSupervised):
         super().__init__(config, text_state, text_dim)
         self.teacher = copy.deepcopy(self.net)
         self.teacher.requires_grad_(False)
+        # The teacher normalises with batch statistics (train mode, as in the original
+        # code), but its running statistics must stay the EMA of the student's: with
+        # momentum 0 its own forward passes leave them untouched.
+        for m in self.teacher.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.0
 
     def noisy(self, images: torch.Tensor) -> torch.Tensor:
         std = self.cfg.semi.noise_std
