@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
+from _kill import Kill, Killed
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -132,28 +132,13 @@ def test_bad_options_are_one_message(data, tmp_path):
     assert res.exit_code == USER_ERROR_EXIT and "run directory" in res.output
 
 
-class _Killed(Exception):
-    pass
-
-
-class _Kill(L.Callback):
-    """Stands in for a kill: dies at the start of the given epoch, after the previous one was checkpointed."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, module):
-        if trainer.current_epoch == self.epoch:
-            raise _Killed
-
-
 def test_resume_continues_from_last_checkpoint(data, tmp_path):
     import torch
 
     cfg = load_preset("lvit-tw", "smoke", ["data.augment=none", "train.max_epochs=3", "train.patience=10"])
     run = tmp_path / "run"
-    with pytest.raises(_Killed):
-        train(cfg, data, run, progress=False, extra_callbacks=[_Kill(2)])
+    with pytest.raises(Killed):
+        train(cfg, data, run, progress=False, extra_callbacks=[Kill(2)])
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["epoch"] == 1 and not (run / "metrics.json").exists()
     metrics = train(cfg, data, run, resume=True, progress=False)

@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from _kill import Kill, Killed
 from PIL import Image
 
 from medtextseg.config import DataConfig, load_preset
@@ -348,25 +349,12 @@ def test_same_split_for_every_method(data, tmp_path):
     assert (tmp_path / "a" / "split.json").read_text() == (tmp_path / "b" / "split.json").read_text()
 
 
-class _Killed(Exception):
-    pass
-
-
-class _Kill(L.Callback):
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, module):
-        if trainer.current_epoch == self.epoch:
-            raise _Killed
-
-
 class _CaptureBank(L.Callback):
     def on_train_start(self, trainer, module):
         self.state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in module.bank.state_dict().items()}
 
 
-class _KillKeepBank(_Kill):
+class _KillKeepBank(Kill):
     """Kill at the start of an epoch, keeping the live bank the killed process had."""
 
     def on_train_epoch_start(self, trainer, module):
@@ -380,7 +368,7 @@ def test_bank_survives_kill_and_resume_bit_exactly(data, tmp_path, workers):
     cfg = load_preset("lvit-t-semi", "smoke", [*SMOKE, "train.max_epochs=4", f"data.num_workers={workers}"])
     run = tmp_path / "run"
     kill = _KillKeepBank(3)
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         train(cfg, data, run, progress=False, extra_callbacks=[kill])
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["epoch"] == 2 and saved["epi_bank"]["generation"] == 3

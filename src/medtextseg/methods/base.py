@@ -71,6 +71,13 @@ class SegMethod(L.LightningModule):
                 "the last good checkpoint is kept. Lower optim.lr or check the data.")
         return loss
 
+    def supervised_step(self, batch: dict) -> torch.Tensor:
+        """L_sup (Eq. 16) on a labeled batch, logged as ``train/loss``."""
+        logits = self(batch["image"], batch["text"])
+        loss = self.check_finite(self.sup_loss(logits, batch["mask"]))
+        self.log("train/loss", loss, batch_size=len(logits), prog_bar=True)
+        return loss
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["image"], batch["text"])
         loss = self.sup_loss(logits, batch["mask"])

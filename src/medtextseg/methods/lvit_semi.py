@@ -307,10 +307,7 @@ class LViTSemi(SemiSupervised):
         lab, unl = batch["labeled"], batch.get("unlabeled")
         w = self.unsup_weight(batch_idx)
         if unl is None or self.bank is None or self.bank.generation == 0 or w == 0.0:
-            logits = self(lab["image"], lab["text"])
-            loss = self.check_finite(self.sup_loss(logits, lab["mask"]))
-            self.log("train/loss", loss, batch_size=len(logits), prog_bar=True)
-            return loss
+            return self.supervised_step(lab)
         images, texts = self.join(lab, unl)
         logits = self(images, texts)
         n_l = len(lab["image"])

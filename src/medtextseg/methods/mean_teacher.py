@@ -72,10 +72,7 @@ class MeanTeacher(SemiSupervised):
         lab, unl = batch["labeled"], batch.get("unlabeled")
         w = self.unsup_weight(batch_idx)
         if unl is None:
-            logits = self(lab["image"], lab["text"])
-            loss = self.check_finite(self.sup_loss(logits, lab["mask"]))
-            self.log("train/loss", loss, batch_size=len(logits), prog_bar=True)
-            return loss
+            return self.supervised_step(lab)
         n_l = len(lab["image"])
         images, texts = self.join(lab, unl)
         logits = self(torch.cat([images[:n_l], self.noisy(images[n_l:])]), texts)

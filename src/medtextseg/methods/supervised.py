@@ -14,7 +14,4 @@ class Supervised(SegMethod):
     """
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"], batch["text"])
-        loss = self.check_finite(self.sup_loss(logits, batch["mask"]))
-        self.log("train/loss", loss, batch_size=len(logits), prog_bar=True)
-        return loss
+        return self.supervised_step(batch)
