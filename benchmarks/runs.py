@@ -38,6 +38,15 @@ def logged(run: Path, key: str) -> list[tuple[int, float]]:
     return out
 
 
+def optimizer_steps(run: Path) -> int:
+    """Optimizer steps a run took (all attempts): the largest logged ``step`` + 1."""
+    last = -1
+    for f in (run / "logs" / "csv").glob("version_*/metrics.csv"):
+        with open(f) as h:
+            last = max([last, *(int(r["step"]) for r in csv.DictReader(h) if r.get("step"))])
+    return last + 1
+
+
 def train_in_child(preset: str, tier: str, overrides: list[str], data: Path, run: Path) -> dict:
     """Train (or reuse) one run; returns its metrics.json merged with bench.json."""
     metrics_file, bench_file, legacy = run / "metrics.json", run / BENCH_FILE, run / "wallclock.json"

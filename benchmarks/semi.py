@@ -12,10 +12,14 @@ supervised models at 100 % as the reference. All runs at one (ratio, seed) use t
 same labeled images (data/splits.py). The labeled-only runs get as many optimizer
 steps as the semi-supervised ones (whose epoch is set by the larger of the two
 parts, the smaller one cycled): their epochs and patience are multiplied by
-max(r, 1 - r) / r. Prints the table with the paper's QaTa / MoNuSeg figures, the
+max(r, 1 - r) / r. Runs at different ratios are not step-matched (an epoch has
+max(r, 1 - r) * N / batch steps); the Steps column shows each run's optimizer
+steps, and ``--set train.max_epochs=...`` per ratio matches them to the 100 % run.
+Prints the table with the paper's QaTa / MoNuSeg figures, the
 time per epoch relative to supervised LViT-T on all images, peak memory, and the
 pseudo-label Dice (against the withheld masks) of the last EPI generation.
-Finished runs are reused; writes ``<out>/results.md``.
+Finished runs are reused (``--collect`` tabulates only those, e.g. runs made with
+different ``--set`` per ratio or more seeds for some rows); writes ``<out>/results.md``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import math
 import statistics
 from pathlib import Path
 
-from runs import fmt, logged, train_in_child
+from runs import fmt, logged, optimizer_steps, train_in_child
 
 from medtextseg.config import load_preset
 from medtextseg.utils import atomic_write_text
@@ -81,6 +85,8 @@ def main() -> None:
     ap.add_argument("--lv-contrastive", default="", help="semi.lv_contrastive for the LV rows (default: preset's)")
     ap.add_argument("--split", default="Test")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--collect", action="store_true",
+                    help="train nothing: tabulate the finished runs of the plan, skip the missing ones")
     args = ap.parse_args()
 
     plan = [(row, 1.0) for row in args.reference] + [(row, r) for r in args.ratios for row in args.rows]
@@ -88,10 +94,13 @@ def main() -> None:
     for row, ratio in plan:
         for seed in args.seeds:
             run = args.out / f"r{ratio:g}" / f"{row}-s{seed}"
+            if args.collect and not (run / "metrics.json").is_file():
+                continue
             sets = overrides_for(row, ratio, seed, args.tier, args.overrides, args.lv_contrastive)
             m = train_in_child(ROWS[row][0], args.tier, sets, args.data, run)
             pseudo = logged(run, "epi/pseudo_dice")
             m["pseudo_dice"] = pseudo[-1][1] if pseudo else None
+            m["steps"] = optimizer_steps(run)
             results.setdefault((row, ratio), []).append(m)
             print(f"{row} r={ratio:g} seed {seed}: Dice {100 * m[args.split]['dice']:.2f} "
                   f"({m['seconds']:.0f} s, {m['seconds_per_epoch']:.1f} s/epoch)", flush=True)
@@ -99,7 +108,7 @@ def main() -> None:
     base = results.get(("lvit-t", 1.0))
     base_epoch = statistics.mean(m["seconds_per_epoch"] for m in base) if base else float("nan")
     head = ["Method", "Labels", "Text", "EPI", "L_LV", f"Dice % ({args.split})", "IoU %", "Paper QaTa",
-            "Paper MoNuSeg", "s/epoch", "× sup. LViT-T 100%", "Peak MiB", "Pseudo-label Dice %", "Seeds"]
+            "Paper MoNuSeg", "Steps", "s/epoch", "× sup. LViT-T 100%", "Peak MiB", "Pseudo-label Dice %", "Seeds"]
     lines = [f"{args.data} — {args.split} split, tier {args.tier}, overrides: {' '.join(args.overrides) or 'none'}",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (row, ratio), ms in results.items():
@@ -109,7 +118,7 @@ def main() -> None:
         pseudo = [m["pseudo_dice"] for m in ms if m["pseudo_dice"] is not None]
         lines.append("| " + " | ".join([
             LABELS[row], f"{ratio:.0%}", text, epi, lv, fmt([m[args.split]["dice"] for m in ms]),
-            fmt([m[args.split]["iou"] for m in ms]), *paper, f"{spe:.1f}", f"{spe / base_epoch:.2f}",
+            fmt([m[args.split]["iou"] for m in ms]), *paper, str(max(m["steps"] for m in ms)), f"{spe:.1f}", f"{spe / base_epoch:.2f}",
             f"{max(m['peak_mib'] for m in ms):.0f}", fmt(pseudo) if pseudo else "—", str(len(ms))]) + " |")
     table = "\n".join(lines)
     print(table)
