@@ -29,22 +29,21 @@ def fmt(xs: list[float], scale: float = 100.0) -> str:
     return f"{xs[0]:.2f}" if len(xs) == 1 else f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
 
 
-def logged(run: Path, key: str) -> list[tuple[int, float]]:
-    """(epoch, value) of a logged metric over all attempts of a run, e.g. ``epi/pseudo_dice``."""
-    out = []
+def _log_rows(run: Path):
+    """Rows of the CSV log over all attempts of a run (a resume starts a new version)."""
     for f in sorted((run / "logs" / "csv").glob("version_*/metrics.csv")):
         with open(f) as h:
-            out += [(int(r["epoch"]), float(r[key])) for r in csv.DictReader(h) if r.get(key)]
-    return out
+            yield from csv.DictReader(h)
+
+
+def logged(run: Path, key: str) -> list[tuple[int, float]]:
+    """(epoch, value) of a logged metric over all attempts of a run, e.g. ``epi/pseudo_dice``."""
+    return [(int(r["epoch"]), float(r[key])) for r in _log_rows(run) if r.get(key)]
 
 
 def optimizer_steps(run: Path) -> int:
     """Optimizer steps a run took (all attempts): the largest logged ``step`` + 1."""
-    last = -1
-    for f in (run / "logs" / "csv").glob("version_*/metrics.csv"):
-        with open(f) as h:
-            last = max([last, *(int(r["step"]) for r in csv.DictReader(h) if r.get("step"))])
-    return last + 1
+    return max((int(r["step"]) for r in _log_rows(run) if r.get("step")), default=-1) + 1
 
 
 def train_in_child(preset: str, tier: str, overrides: list[str], data: Path, run: Path) -> dict:
