@@ -66,6 +66,9 @@ def _child(spec: dict) -> None:
 
     from medtextseg.config import load_preset
     from medtextseg.engine import train
+    from medtextseg.utils import keep_freed_memory
+
+    keep_freed_memory()  # as the CLI does: this child process is ours
 
     class EpochTimer(L.Callback):
         """Wall-clock from one epoch's start to the next (the last: to the end of fit):

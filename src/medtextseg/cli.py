@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -24,33 +26,133 @@ console = Console()
 err_console = Console(stderr=True)
 
 USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for Ctrl-C
+# The libraries whose banners, tips and notes the default console hides (--verbose shows them).
+_QUIET_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "transformers",
+                  "torch", "monai", "matplotlib", "PIL")
 
 
 def _user_errors():
     """Exception types that mean "the user asked for something impossible"."""
     from medtextseg.config import ConfigError
     from medtextseg.data.io import ImageReadError
+    from medtextseg.data.problems import DataError
     from medtextseg.data.readers import DatasetError
-    from medtextseg.data.validation import DataError
-    from medtextseg.engine import RunError, RunInterrupted
+    from medtextseg.engine import RunError
     from medtextseg.methods import NonFiniteLossError
 
-    return (ConfigError, DataError, DatasetError, ImageReadError, RunError, RunInterrupted, NonFiniteLossError,
+    return (ConfigError, DataError, DatasetError, ImageReadError, RunError, NonFiniteLossError,
             FileExistsError, FileNotFoundError, ValueError)
 
 
+def _interrupted(message: str = "stopped before the command started") -> typer.Exit:
+    err_console.print(f"[bold yellow]interrupted:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(INTERRUPTED_EXIT)
+
+
 def friendly(fn):
-    """Turn user errors into one red message and exit code 2 instead of a traceback."""
+    """User errors: one red message and exit code 2; Ctrl-C / SIGTERM: one line and exit
+    code 130; never a traceback (``MEDTEXTSEG_DEBUG=1`` shows it)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except _user_errors() as e:
+        except KeyboardInterrupt:
             if os.environ.get("MEDTEXTSEG_DEBUG"):
                 raise
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(USER_ERROR_EXIT) from None
+            raise _interrupted("stopped by the user; nothing half-written was left") from None
+        except Exception as e:
+            from medtextseg.engine import RunInterrupted
+
+            if os.environ.get("MEDTEXTSEG_DEBUG"):
+                raise
+            if isinstance(e, RunInterrupted):
+                raise _interrupted(str(e)) from None
+            if isinstance(e, _user_errors()):
+                err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+                raise typer.Exit(USER_ERROR_EXIT) from None
+            raise
     return wrapper
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def _configure_console(verbose: bool) -> None:
+    """Process-wide console settings; only the command line may make them (DESIGN §8)."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, show_level=False,
+                          markup=False, rich_tracebacks=False)
+    ours = logging.getLogger("medtextseg")
+    ours.handlers[:] = [handler]
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    ours.propagate = False
+    warnings.showwarning = _show_warning
+    if verbose:
+        logging.basicConfig(level=logging.INFO)
+        return
+    # Before transformers / huggingface_hub are imported: their progress bars read these.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Lightning sets its own loggers' level when it is imported: import it first, or it
+    # would undo this (commands that train or predict import it anyway).
+    import lightning.pytorch  # noqa: F401
+
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"medtextseg(\.|$)")
+    from medtextseg.text import TextWarning
+
+    warnings.filterwarnings("default", category=TextWarning)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from medtextseg import __version__
+
+        console.print(f"medtextseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+@friendly
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show the libraries' own messages "
+                                          "(Lightning, transformers) and their warnings.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+):
+    """Text-guided, semi-supervised medical image segmentation."""
+    _configure_console(verbose)
+
+
+def main() -> None:
+    """The ``medtextseg`` entry point: SIGTERM stops a command like Ctrl-C does."""
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        app()
+    except KeyboardInterrupt:  # between commands' own handling, e.g. while parsing
+        raise SystemExit(_interrupted().exit_code) from None
+
+
+def _overrides(set_: list[str] | None, extra: list[str]) -> list[str]:
+    """``--set a=1 b=2`` and ``--set a=1 --set b=2`` alike: key=value words after --set."""
+    pairs = list(set_ or [])
+    for arg in extra:
+        if "=" not in arg or arg.startswith("-"):
+            raise ValueError(f"unexpected argument {arg!r}; config overrides look like key=value "
+                             "(e.g. --set train.max_epochs=5 optim.lr=3e-4)")
+        pairs.append(arg)
+    return pairs
 
 
 @app.command()
@@ -70,19 +172,37 @@ def synth(
     if kind not in GENERATORS:
         raise ValueError(f"unknown generator {kind!r}; available: {', '.join(GENERATORS)}")
     summary = GENERATORS[kind](out, n=n, seed=seed, size=size, text_noise=text_noise, overwrite=overwrite)
-    console.print(f"wrote {out}: {summary}")
+    table = Table(title=f"wrote {summary.get('out', out)}", show_header=False)
+    for key, value in summary.items():
+        if key == "out":
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.3g}"
+        table.add_row(key.replace("_", " "), str(value))
+    console.print(table)
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        err_console.print(f"[cyan]note:[/] {note}", highlight=False, soft_wrap=True)
 
 
 @app.command("check-data")
 @friendly
 def check_data(
     data: Annotated[Path, typer.Argument(help="Dataset folder (LViT layout) or CSV manifest.")],
-    num_classes: Annotated[int, typer.Option(help="2 for binary masks; K for multi-class label maps.")] = 2,
+    num_classes: Annotated[int, typer.Option(help="1 for binary masks ({0,255} or {0,1}); K >= 2 for label maps "
+                                             "with class ids 0..K-1 (0 = background), as data.num_classes.")] = 1,
+    need: Annotated[list[str], typer.Option(help="Splits that must exist and hold images (repeatable); "
+                                            "training needs Train and Val.")] = ["Train", "Val"],  # noqa: B006
 ):
     """Validate a dataset and list every problem with its file and the fix."""
-    from medtextseg.data.validation import validate_dataset
+    from medtextseg.data.validation import check_split_names, dataset_notes, validate_dataset
 
-    samples = validate_dataset(data, num_classes=num_classes)
+    need = check_split_names(need)
+    samples = validate_dataset(data, num_classes=num_classes, need_splits=need)
     table = Table(title=f"{data}: OK")
     for col in ("split", "images", "labeled", "unique texts"):
         table.add_column(col)
@@ -91,21 +211,27 @@ def check_data(
         if sub:
             table.add_row(split, str(len(sub)), str(sum(s.labeled for s in sub)), str(len({s.text for s in sub})))
     console.print(table)
+    _print_notes(dataset_notes(samples))
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 @friendly
 def train(
-    preset: Annotated[str, typer.Option(help="Preset name (see `medtextseg models`).")],
-    data: Annotated[Path, typer.Option(help="Dataset folder (LViT layout) or CSV manifest.")],
-    out: Annotated[Path | None, typer.Option(help="Run directory to create (default: runs/<preset>-<tier>[-r<ratio>]-s<seed>).")] = None,
+    ctx: typer.Context,
+    preset: Annotated[str | None, typer.Option(help="Preset name (see `medtextseg models`); not needed with --resume.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset folder (LViT layout) or CSV manifest "
+                                              "(with --resume: default the run's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory to create (default: "
+                                             "runs/<preset>-<tier>\\[-r<ratio>]-s<seed>).")] = None,
     tier: Annotated[str, typer.Option(help="smoke (seconds) | cpu (minutes on 2 cores) | paper (the paper's setting).")] = "cpu",
     labeled_ratio: Annotated[float | None, typer.Option(help="Keep the masks of this fraction of the Train images (seeded split, written to split.json).")] = None,
     labeled_ids: Annotated[Path | None, typer.Option(help="Keep the masks of these Train ids only: a split.json of another run or a text file, one id per line.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set optim.lr=3e-4 (repeatable).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override config keys: --set optim.lr=3e-4 train.max_epochs=5 "
+                                                   "(several pairs after one flag, or the flag repeated).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint (only "
+                                         "devices and train.max_epochs may change).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
-    devices: Annotated[str | None, typer.Option(help="Lightning devices, e.g. 1, 2 or auto.")] = None,
+    devices: Annotated[str | None, typer.Option(help="Lightning devices: a count (1, 2), ids (0,1), -1 for all, or auto.")] = None,
     accelerator: Annotated[str | None, typer.Option(help="cpu | gpu | auto.")] = None,
     strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp.")] = None,
     num_nodes: Annotated[int | None, typer.Option(help="Number of nodes for DDP.")] = None,
@@ -114,9 +240,11 @@ def train(
 ):
     """Train a preset on a dataset; then evaluate the best checkpoint on Val and Test."""
     from medtextseg.config import load_preset
+    from medtextseg.engine import resume_config
     from medtextseg.engine import train as run_train
+    from medtextseg.utils import keep_freed_memory
 
-    overrides = list(set_ or [])
+    overrides = _overrides(set_, ctx.args)
     for key, value in (("devices", devices), ("accelerator", accelerator), ("strategy", strategy),
                        ("num_nodes", num_nodes), ("precision", precision), ("seed", seed)):
         if value is not None:
@@ -125,10 +253,23 @@ def train(
         overrides.append(f"data.labeled_ratio={labeled_ratio}")
     if labeled_ids is not None:
         overrides.append(f"data.labeled_ids={labeled_ids}")
-    cfg = load_preset(preset, tier, overrides)
-    if out is None:
-        ratio = f"-r{cfg.data.labeled_ratio:g}" if cfg.data.labeled_ratio < 1 or cfg.data.labeled_ids else ""
-        out = Path("runs") / f"{preset}-{tier}{ratio}-s{cfg.train.seed}"
+    if resume:
+        if out is None:
+            raise ValueError("--resume needs --out, the run directory to continue")
+        cfg = resume_config(out, overrides)
+        if preset is not None and preset != cfg.preset:
+            raise ValueError(f"{out} was trained with preset {cfg.preset!r}, not {preset!r}; drop --preset")
+    else:
+        if preset is None:
+            raise ValueError("--preset is required (see `medtextseg models`)")
+        if data is None:
+            raise ValueError("--data is required: a dataset folder (LViT layout) or a CSV manifest")
+        cfg = load_preset(preset, tier, overrides)
+        if out is None:
+            ratio = f"-r{cfg.data.labeled_ratio:g}" if cfg.data.labeled_ratio < 1 or cfg.data.labeled_ids else ""
+            out = Path("runs") / f"{preset}-{tier}{ratio}-s{cfg.train.seed}"
+    # CPU training re-faults its activations every step unless glibc keeps freed memory.
+    keep_freed_memory()
     metrics = run_train(cfg, data, out, resume=resume, overwrite=overwrite)
     if metrics:
         _print_metrics(metrics, f"{out}")
@@ -136,12 +277,15 @@ def train(
 
 def _print_metrics(metrics: dict, title: str) -> None:
     table = Table(title=title)
-    for col in ("split", "images", "Dice %", "IoU %", "Dice % (orig.)", "IoU % (orig.)"):
+    for col in ("split", "images", "Dice %", "IoU %", "Dice % (orig.)", "IoU % (orig.)", "data"):
         table.add_column(col, justify="right")
     for split, m in metrics.items():
-        if split == "model":
+        if not isinstance(m, dict) or "dice" not in m:
             continue
-        table.add_row(split, str(m["n"]), *(f"{100 * m[k]:.2f}" for k in ("dice", "iou", "dice_orig", "iou_orig")))
+        d = m.get("data") or {}
+        where = f"{Path(d['path']).name} ({d['fingerprint'][:8]})" if d else "—"
+        table.add_row(split, str(m["n"]), *(f"{100 * m[k]:.2f}" for k in ("dice", "iou", "dice_orig", "iou_orig")),
+                      where)
     console.print(table)
 
 
@@ -149,13 +293,28 @@ def _print_metrics(metrics: dict, title: str) -> None:
 @friendly
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory or .ckpt file.")],
-    data: Annotated[Path, typer.Option(help="Dataset folder or CSV manifest.")],
-    split: Annotated[list[str], typer.Option(help="Split(s) to score (repeatable).")] = ["Test"],  # noqa: B006
+    data: Annotated[Path | None, typer.Option(help="Dataset folder or CSV manifest (default: the run's).")] = None,
+    split: Annotated[list[str], typer.Option(help="Split(s) to score (repeatable): Train, Val or Test.")] = ["Test"],  # noqa: B006
+    out: Annotated[Path | None, typer.Option(help="Folder for metrics.json and per_image.csv (default: the run's "
+                                             "own files for the run's data, else <run>/evaluations/<data>-<fp>/).")] = None,
+    device: Annotated[str, typer.Option(help="auto (a GPU when there is one) | cpu | cuda | cuda:N.")] = "auto",
 ):
     """Score a trained run on a split: Dice/IoU per image at network and original resolution."""
+    import json
+
+    from medtextseg.data.validation import check_split_names
+    from medtextseg.engine import RUN_FILE, resolve_checkpoint
     from medtextseg.engine import evaluate as run_eval
 
-    _print_metrics({k: v for k, v in run_eval(run, data, splits=split).items() if k in split}, f"{run}")
+    splits = check_split_names(split)
+    if data is None:
+        _, run_dir = resolve_checkpoint(run)
+        info = run_dir / RUN_FILE
+        if not info.is_file():
+            raise ValueError(f"{run_dir} has no {RUN_FILE}; pass --data")
+        data = Path(json.loads(info.read_text())["data"])
+    metrics = run_eval(run, data, splits=splits, out=out, device=device)
+    _print_metrics({k: v for k, v in metrics.items() if k in splits}, f"{run}")
 
 
 @app.command()
@@ -163,14 +322,22 @@ def evaluate(
 def predict(
     run: Annotated[Path, typer.Argument(help="Run directory or .ckpt file.")],
     images: Annotated[Path, typer.Option(help="Folder of images.")],
-    out: Annotated[Path, typer.Option(help="Output folder (masks/ and overlays/).")],
-    texts: Annotated[Path | None, typer.Option(help="CSV with columns image,text.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for masks/ and overlays/; new or empty (see --overwrite), "
+                                      "and not the --images folder, inside it, or containing it.")],
+    texts: Annotated[Path | None, typer.Option(help="CSV whose first row is image,text: image = an image's file "
+                                               "name (a.png) or stem (a), exact case; text = its description; one "
+                                               "row per image. Quote texts that contain commas.")] = None,
     text: Annotated[str | None, typer.Option(help="One description for every image.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the masks/ and overlays/ of an earlier predict in --out. "
+                                            "Deletes nothing else: an --out that holds other files is refused.")] = False,
+    device: Annotated[str, typer.Option(help="auto (a GPU when there is one) | cpu | cuda | cuda:N.")] = "auto",
+    batch_size: Annotated[int | None, typer.Option(help="Images per forward pass (default: the run's eval batch size).")] = None,
 ):
     """Predict a mask (original size) and an overlay PNG for every image."""
     from medtextseg.predict import predict as run_predict
 
-    written = run_predict(run, images, out, texts=texts, text=text)
+    written = run_predict(run, images, out, texts=texts, text=text, overwrite=overwrite, device=device,
+                          batch_size=batch_size)
     console.print(f"wrote {len(written)} masks to {out / 'masks'} and overlays to {out / 'overlays'}")
 
 
@@ -184,8 +351,10 @@ def report(
     n_images: Annotated[int, typer.Option(help="Rows in the overlay grid.")] = 6,
 ):
     """Markdown table of Dice/IoU (mean ± std over seeds) and a PNG grid of overlays."""
+    from medtextseg.data.validation import check_split_names
     from medtextseg.report import report as run_report
 
+    (split,) = check_split_names([split])
     md = run_report(runs, out, data=data, split=split, n_images=n_images)
     console.print(md.read_text(), markup=False, highlight=False)
 
@@ -219,4 +388,4 @@ def models(
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -80,13 +80,21 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam with cosine warm restarts stepped per epoch (LViT official setting)."""
+    """Adam with cosine warm restarts stepped per epoch (LViT official setting).
+
+    Stabilisers, all off by default (the papers' recipe): ``lr_warmup_epochs`` ramps
+    the learning rate linearly from lr/steps to the schedule over that many epochs
+    (fractions allowed; counted in optimizer steps); ``grad_clip`` clips the global
+    gradient norm (Lightning's ``gradient_clip_val``; 0 = off).
+    """
 
     lr: float = 1e-3
     weight_decay: float = 0.0
     scheduler: str = "cosine_restarts"  # or "none"
     t0: int = 10
     eta_min: float = 1e-4
+    lr_warmup_epochs: float = 0.0
+    grad_clip: float = 0.0
 
 
 @dataclass
@@ -147,6 +155,9 @@ class TrainConfig:
     limit_train_batches: Any = 1.0
     log_every_n_steps: int = 10
     channels_last: bool = False
+    # An exponential moving average of the weights (Lightning's EMAWeightAveraging), per
+    # optimizer step, used for validation, model selection and the saved checkpoints; 0 = off.
+    ema_decay: float = 0.0
     # torch.use_deterministic_algorithms sends CPU convolutions down a path ~15x
     # slower; seeding alone already gives same-seed, same-metrics runs on one CPU
     # (tests/test_end_to_end.py checks it). Turn on for bit-exact GPU runs.
@@ -202,6 +213,10 @@ def _merge_into(obj: Any, d: dict, prefix: str) -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge_into(current, value, path + ".")
+        elif names[key].type in ("Any", Any):
+            # Fields typed Any take several kinds on purpose (devices: 1, "auto" or
+            # [0, 1]); their values are checked where they are used.
+            setattr(obj, key, value)
         else:
             setattr(obj, key, _coerce(current, value, path))
 

@@ -3,11 +3,14 @@
 A run directory holds::
 
     config.yaml        the resolved config (the only config a resume/evaluate reads)
-    run.json           dataset path, text-encoder state, text width
+    run.json           dataset path and fingerprint, text-encoder spec and state, text width,
+                       and ``finished`` ({epochs, reason}) once training has ended
     split.json         labeled / unlabeled Train ids (only when data.labeled_ratio < 1 or labeled_ids)
     checkpoints/       best.ckpt (val Dice) and last.ckpt, written atomically
     logs/              csv/version_N/metrics.csv and tensorboard/version_N/ (one N per attempt)
-    metrics.json       {split: {dice, iou, dice_orig, iou_orig, n}} per evaluated split
+    metrics.json       {split: {dice, iou, dice_orig, iou_orig, n, data}} per evaluated split,
+                       ``data`` = the dataset's path, fingerprint and split (see ``evaluate``)
+    evaluations/       <dataset>-<fp8>/{metrics.json, per_image.csv}: figures on other data
     per_image.csv      split, id, dice, iou, dice_orig, iou_orig, text
 
 Lightning owns the loop, devices (``--devices``/``--strategy`` DDP), precision,
@@ -19,8 +22,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,24 +33,33 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from medtextseg.config import Config, read_config, save_config
+from medtextseg.config import Config, ConfigError, read_config, save_config
+from medtextseg.data.fingerprint import dataset_fingerprint, dataset_root, describe_data
 from medtextseg.data.io import read_mask
 from medtextseg.data.module import SegDataModule, make_dataset, make_loader, mask_to_labels
 from medtextseg.data.sample import Sample
 from medtextseg.data.splits import SPLIT_FILE, LabeledSplit, apply_split, make_split
-from medtextseg.data.validation import validate_dataset
+from medtextseg.data.validation import check_split_names, dataset_notes, validate_dataset
 from medtextseg.methods import SegMethod, method_class
 from medtextseg.metrics import binarize, dice_iou_per_image
 from medtextseg.text.encoders import build_text_encoder
-from medtextseg.utils import atomic_write_bytes, atomic_write_json, keep_freed_memory
+from medtextseg.utils import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 BEST = "best"
 LAST = "last"
 MONITOR = "val/dice"
+METRICS_FILE = "metrics.json"
+EVAL_DIR = "evaluations"
+# A training run needs both: Train to learn from, Val to select and stop on.
+TRAIN_SPLITS = ("Train", "Val")
 
 
 class RunError(ValueError):
@@ -77,8 +91,15 @@ def _is_launcher_child() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
 
 
-def build_encoder(cfg: Config, samples: list[Sample] | None = None, state: dict | None = None):
-    enc = build_text_encoder(cfg.text.encoder, max_len=cfg.text.max_len, dim=cfg.text.dim,
+def text_spec(cfg: Config) -> str:
+    """The text encoder a run needs: ``none`` when its method never reads the texts
+    (U-Net, Mean Teacher), so no language model is loaded for it."""
+    return cfg.text.encoder if method_class(cfg.method).needs_text(cfg) else "none"
+
+
+def build_encoder(cfg: Config, samples: list[Sample] | None = None, state: dict | None = None,
+                  spec: str | None = None):
+    enc = build_text_encoder(spec or text_spec(cfg), max_len=cfg.text.max_len, dim=cfg.text.dim,
                              cache_dir=text_cache_dir(), state=state)
     if state is None:
         enc.fit([s.text for s in samples or [] if s.split == "Train"])
@@ -90,6 +111,8 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         if not (out / CONFIG_FILE).is_file():
             raise RunError(f"cannot resume: {out} has no {CONFIG_FILE}; start it without --resume")
         return
+    if out.exists() and not out.is_dir():
+        raise RunError(f"run directory {out} is a file; choose another --out")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise RunError(f"run directory {out} already exists and is not empty; "
@@ -98,19 +121,166 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def train(cfg: Config, data: Path, out: Path, *, resume: bool = False, overwrite: bool = False,
+# Keys a resumed run may change: where it runs, and how long (raising the budget).
+# Everything else would make the continued run a different experiment.
+RESUMABLE_KEYS = ("train.devices", "train.accelerator", "train.strategy", "train.num_nodes", "train.max_epochs")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_config(out: Path, overrides: list[str] | None = None) -> Config:
+    """The saved config of run ``out`` with ``overrides`` applied; only
+    :data:`RESUMABLE_KEYS` may change.
+
+    Raises:
+        RunError: ``out`` is not a run, or an override changes another key.
+    """
+    out = Path(out)
+    if not (out / CONFIG_FILE).is_file():
+        raise RunError(f"cannot resume: {out} has no {CONFIG_FILE}; start it without --resume")
+    saved = read_config(out / CONFIG_FILE)
+    cfg = saved.with_overrides(list(overrides or []))
+    _check_resume_changes(saved, cfg, out)
+    return cfg
+
+
+def _check_resume_changes(saved: Config, cfg: Config, out: Path) -> dict:
+    old, new = _flatten(saved.to_dict()), _flatten(cfg.to_dict())
+    changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    fixed = {k: c for k, c in changed.items() if k not in RESUMABLE_KEYS}
+    if fixed:
+        what = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in fixed.items())
+        raise RunError(f"cannot resume {out} with {what}: a resumed run may change only "
+                       f"{', '.join(RESUMABLE_KEYS)}; start a new run (another --out) instead")
+    return changed
+
+
+def check_trainer_options(t) -> None:
+    """Reject device options Lightning would only reject after the run directory exists."""
+    dev = t.devices
+    ok = dev == "auto" or dev == -1 or (isinstance(dev, int) and not isinstance(dev, bool) and dev > 0) \
+        or (isinstance(dev, list) and dev and all(isinstance(i, int) and i >= 0 for i in dev)) \
+        or (isinstance(dev, str) and all(x.strip().isdigit() for x in dev.split(",") if x.strip())
+            and dev.strip(", ") != "" and (("," in dev) or int(dev) > 0))
+    if not ok:
+        raise ConfigError(f"--devices {dev!r}: use a positive number of devices (1, 2), a list of device ids "
+                          "(0,1 or [0, 1]), -1 for all, or auto")
+    if not isinstance(t.num_nodes, int) or t.num_nodes < 1:
+        raise ConfigError(f"--num-nodes {t.num_nodes!r}: use a positive integer")
+
+
+def _build_trainer(cfg: Config, out: Path, callbacks: list, progress: bool) -> L.Trainer:
+    t = cfg.train
+    check_trainer_options(t)
+    try:
+        return L.Trainer(
+            default_root_dir=out, max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices,
+            strategy=t.strategy, num_nodes=t.num_nodes, precision=t.precision, callbacks=callbacks,
+            # One version folder per attempt: a resumed run appends version_1, ... instead of
+            # overwriting the logs of the interrupted attempt. Loggers create nothing until used.
+            logger=[L.pytorch.loggers.CSVLogger(out / "logs", name="csv"),
+                    L.pytorch.loggers.TensorBoardLogger(out / "logs", name="tensorboard")],
+            plugins=[AtomicCheckpointIO()], deterministic=t.deterministic, log_every_n_steps=t.log_every_n_steps,
+            limit_train_batches=t.limit_train_batches, enable_progress_bar=progress, enable_model_summary=False,
+            gradient_clip_val=cfg.optim.grad_clip or None, gradient_clip_algorithm="norm",
+        )
+    except (MisconfigurationException, ValueError, RuntimeError, TypeError) as e:
+        raise ConfigError(f"the training options are not usable here (accelerator={t.accelerator!r}, "
+                          f"devices={t.devices!r}, strategy={t.strategy!r}, precision={t.precision!r}, "
+                          f"num_nodes={t.num_nodes!r}): {e}") from None
+
+
+def weight_averaging(cfg: Config) -> list:
+    """``[EMAWeightAveraging]`` when ``train.ema_decay`` > 0, else ``[]``.
+
+    Lightning's callback validates with the averaged weights, writes them as the
+    checkpoint's ``state_dict`` (the raw weights go to ``current_model_state``, so a
+    resume continues both), and leaves them in the model at the end of training;
+    best.ckpt is therefore chosen on, and holds, the averaged weights. It updates
+    after every optimizer step from the first on (its first update copies the
+    weights, so the random initialisation never enters the average).
+    """
+    t = cfg.train
+    if t.ema_decay <= 0:
+        return []
+    if not 0 < t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in (0, 1) or 0 for off, got {t.ema_decay}")
+    return [EMAWeightAveraging(decay=t.ema_decay)]
+
+
+def _read_run_info(out: Path) -> dict | None:
+    path = out / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _has_checkpoint(out: Path) -> bool:
+    return any((out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else False
+
+
+def train(cfg: Config, data: Path | None, out: Path, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, extra_callbacks: list | None = None) -> dict:
     """Validate the data, train, then evaluate the best checkpoint on Val (and Test).
 
-    Nothing is written before the data has passed validation.
+    Nothing is written before the data and every option have passed validation;
+    a run that stops (error, Ctrl-C, SIGTERM) before its first checkpoint is
+    removed, so the same command can simply be run again. ``resume``: ``cfg``
+    may differ from the saved config in :data:`RESUMABLE_KEYS` only (see
+    :func:`resume_config`); ``data`` defaults to the run's. A finished run is
+    left unchanged (its recorded metrics are returned) unless ``train.max_epochs``
+    was raised past the epochs it ran.
+
     Returns the metrics dict written to ``metrics.json`` (empty on DDP ranks > 0).
     """
-    data, out = Path(data), Path(out)
-    if resume and (out / CONFIG_FILE).is_file():
-        cfg = read_config(out / CONFIG_FILE)
+    out = Path(out)
+    run_info = None
+    if resume:
+        if not (out / CONFIG_FILE).is_file():
+            raise RunError(f"cannot resume: {out} has no {CONFIG_FILE}; start it without --resume")
+        saved = read_config(out / CONFIG_FILE)
+        changed = _check_resume_changes(saved, cfg, out)
+        run_info = _read_run_info(out)
+        if data is None:
+            if not run_info:
+                raise RunError(f"{out}/{RUN_FILE} is missing; pass --data to resume")
+            data = Path(run_info["data"])
+        done = (run_info or {}).get("finished")
+        if done:
+            raised = done["reason"] == "max_epochs" and cfg.train.max_epochs > done["epochs"]
+            if not raised:
+                how = (f"early stopping at epoch {done['epochs']} (no Val improvement in {saved.train.patience} epochs)"
+                       if done["reason"] == "early_stopping" else f"its {done['epochs']} epochs (train.max_epochs)")
+                if (out / METRICS_FILE).is_file():
+                    log.info("%s is complete: it stopped after %s; nothing was changed%s", out, how,
+                             "" if done["reason"] == "early_stopping" else
+                             ". Raise train.max_epochs (--set train.max_epochs=N) to train it further")
+                    return json.loads((out / METRICS_FILE).read_text())
+                log.info("%s finished training (%s) but was never evaluated: evaluating it", out, how)
+                return _evaluate_finished(out, Path(data))
+            log.info("%s: train.max_epochs raised from %d to %d: continuing training",
+                     out, done["epochs"], cfg.train.max_epochs)
+        for key, (a, b) in changed.items():
+            log.info("%s: %s changed from %r to %r for the resumed attempt", out, key, a, b)
+    if data is None:
+        raise RunError("no dataset given; pass --data")
+    data = Path(data)
     method_cls = method_class(cfg.method)
     method_cls.check_config(cfg)
-    all_samples = validate_dataset(data, num_classes=max(2, cfg.data.num_classes))
+    check_trainer_options(cfg.train)
+    all_samples = validate_dataset(data, num_classes=cfg.data.num_classes, need_splits=TRAIN_SPLITS)
+    for note in dataset_notes(all_samples):
+        log.info("%s", note)
+    fingerprint = dataset_fingerprint(all_samples, data)
+    if resume and run_info and run_info.get("data_fingerprint") not in (None, fingerprint):
+        raise RunError(f"cannot resume {out} on {data}: its files differ from the data the run started on "
+                       f"({run_info.get('data')}, fingerprint {run_info['data_fingerprint']} != {fingerprint})")
     split_file = out / SPLIT_FILE
     if resume and split_file.is_file():
         split = LabeledSplit.load(split_file)
@@ -119,28 +289,11 @@ def train(cfg: Config, data: Path, out: Path, *, resume: bool = False, overwrite
     samples = apply_split(all_samples, split)
     if not any(s.split == "Train" and s.labeled for s in samples):
         raise RunError(f"{data} has no labeled Train images to train on")
-    if not any(s.split == "Val" for s in samples):
-        raise RunError(f"{data} has no Val split; early stopping and model selection need one")
-    child = _is_launcher_child()
-    if not child:
-        prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    keep_freed_memory()
-    run_info = json.loads((out / RUN_FILE).read_text()) if resume else None
-    encoder = build_encoder(cfg, samples, state=run_info["text_state"] if run_info else None)
-    if not child and not resume:
-        save_config(cfg, out / CONFIG_FILE)
-        atomic_write_json(out / RUN_FILE, {"data": str(data.resolve()), "text_state": encoder.state(),
-                                           "text_dim": encoder.dim})
-        if split is not None:
-            split.save(split_file)
-    dm = SegDataModule(samples, encoder, cfg.data, seed=cfg.train.seed, unlabeled_keys=method_cls.unlabeled_keys,
-                       withheld=all_samples)
-    method = method_cls(cfg.to_dict(), text_state=encoder.state(), text_dim=encoder.dim)
     ckpt_dir = out / "checkpoints"
     # Saved at train-epoch end, i.e. after validation and after the method's
     # on_train_epoch_end (where EPI refreshes its bank), so a checkpoint holds the
     # state the next epoch starts from.
+    early = EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.train.patience, check_finite=True)
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename=BEST, monitor=MONITOR, mode="max", save_top_k=1,
                         enable_version_counter=False, save_on_train_epoch_end=True),
@@ -148,29 +301,82 @@ def train(cfg: Config, data: Path, out: Path, *, resume: bool = False, overwrite
         # run needs the latest epoch every epoch, so an unmonitored checkpoint keeps it.
         ModelCheckpoint(dirpath=ckpt_dir, filename=LAST, monitor=None, save_top_k=1, every_n_epochs=1,
                         enable_version_counter=False, save_on_train_epoch_end=True),
-        EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.train.patience, check_finite=True),
+        early,
+        *weight_averaging(cfg),
         *(extra_callbacks or []),
     ]
-    t = cfg.train
-    trainer = L.Trainer(
-        default_root_dir=out, max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices,
-        strategy=t.strategy, num_nodes=t.num_nodes, precision=t.precision, callbacks=callbacks,
-        # One version folder per attempt: a resumed run appends version_1, ... instead of
-        # overwriting the logs of the interrupted attempt.
-        logger=[L.pytorch.loggers.CSVLogger(out / "logs", name="csv"),
-                L.pytorch.loggers.TensorBoardLogger(out / "logs", name="tensorboard")],
-        plugins=[AtomicCheckpointIO()], deterministic=t.deterministic, log_every_n_steps=t.log_every_n_steps,
-        limit_train_batches=t.limit_train_batches, enable_progress_bar=progress, enable_model_summary=False,
-    )
-    last = ckpt_dir / f"{LAST}.ckpt"
-    trainer.fit(method, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() else None)
-    if trainer.interrupted:
-        # Lightning shuts down gracefully on an interrupt and returns; a half-trained
-        # model must not be evaluated as if it were finished.
+    trainer = _build_trainer(cfg, out, callbacks, progress)
+    child = _is_launcher_child()
+    if not child:
+        prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    created = not resume
+    try:
+        metrics = _fit(cfg, data, out, trainer, early, samples, all_samples, split, fingerprint, method_cls,
+                       resume=resume, run_info=run_info, child=child)
+    except BaseException as e:
+        if created and not child and not _has_checkpoint(out):
+            # Nothing worth keeping: a retry of the same command must not be refused.
+            shutil.rmtree(out, ignore_errors=True)
+            if isinstance(e, RunInterrupted):
+                raise RunInterrupted(f"training of {out} was interrupted before its first checkpoint; "
+                                     "nothing was kept: run the same command again") from None
+        raise
+    return metrics
+
+
+def _fit(cfg, data, out, trainer, early, samples, all_samples, split, fingerprint, method_cls, *, resume, run_info,
+         child) -> dict:
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    spec = (run_info or {}).get("text_spec") or (text_spec(cfg) if not run_info else cfg.text.encoder)
+    encoder = build_encoder(cfg, samples, state=run_info["text_state"] if run_info else None, spec=spec)
+    # Every text once, up front: frozen encoders fill their cache in one pass and a text
+    # that loses words is reported in one warning for the whole dataset, not once per split.
+    encoder.features(sorted({s.text for s in all_samples}))
+    if not child:
+        if resume:
+            save_config(cfg, out / CONFIG_FILE)  # records a raised budget or new devices
+            if run_info is not None and "finished" in run_info:
+                run_info = {k: v for k, v in run_info.items() if k != "finished"}
+                atomic_write_json(out / RUN_FILE, run_info)
+        else:
+            save_config(cfg, out / CONFIG_FILE)
+        if run_info is None:
+            run_info = {"data": str(data.resolve()), "data_fingerprint": fingerprint, "text_spec": spec,
+                        "text_state": encoder.state(), "text_dim": encoder.dim}
+            atomic_write_json(out / RUN_FILE, run_info)
+        if split is not None and not (out / SPLIT_FILE).is_file():
+            split.save(out / SPLIT_FILE)
+    dm = SegDataModule(samples, encoder, cfg.data, seed=cfg.train.seed, unlabeled_keys=method_cls.unlabeled_keys,
+                       withheld=all_samples)
+    method = method_cls(cfg.to_dict(), text_state=encoder.state(), text_dim=encoder.dim)
+    last = out / "checkpoints" / f"{LAST}.ckpt"
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(method, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() else None)
+    except SystemExit:
+        # Lightning turns Ctrl-C (and our SIGTERM) into a graceful shutdown and sys.exit(1).
+        if trainer.state.status == TrainerStatus.INTERRUPTED:
+            raise RunInterrupted(f"training of {out} was interrupted; continue it with --resume") from None
+        raise
+    finally:
+        # Lightning leaves SIGINT ignored after an interrupt; give the caller its handler back.
+        signal.signal(signal.SIGINT, sigint)
+    if trainer.interrupted or trainer.received_sigterm:
+        # A half-trained model must not be evaluated as if it were finished.
         raise RunInterrupted(f"training of {out} was interrupted; continue it with --resume")
     if not trainer.is_global_zero:
         return {}
+    reason = "early_stopping" if early.stopped_epoch > 0 else "max_epochs"
+    run_info = {**_read_run_info(out), "finished": {"epochs": trainer.current_epoch, "reason": reason}}
+    atomic_write_json(out / RUN_FILE, run_info)
     splits = [s for s in ("Val", "Test") if any(x.split == s for x in samples)]
+    return evaluate(out, data, splits=splits, samples=all_samples, encoder=encoder)
+
+
+def _evaluate_finished(out: Path, data: Path) -> dict:
+    all_samples = validate_dataset(data, num_classes=read_config(out / CONFIG_FILE).data.num_classes,
+                                   need_splits=TRAIN_SPLITS)
+    splits = [s for s in ("Val", "Test") if any(x.split == s for x in all_samples)]
     return evaluate(out, data, splits=splits, samples=all_samples)
 
 
@@ -188,16 +394,46 @@ def resolve_checkpoint(run_or_ckpt: Path) -> tuple[Path, Path]:
                    "train one with `medtextseg train`")
 
 
-def load_run(run_or_ckpt: Path, device: str = "cpu") -> tuple[SegMethod, Config, object, Path]:
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> the first CUDA GPU if there is one, else CPU; ``"cpu"``, ``"cuda"``,
+    ``"cuda:1"``, ``"mps"`` are taken as given once checked to exist.
+
+    Raises:
+        ValueError: an unknown device name or one that is not available here.
+    """
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: no such CUDA GPU here "
+                         f"({torch.cuda.device_count()} visible); use --device auto or cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device}: MPS is not available here; use --device auto or cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device!r}: unsupported; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def load_run(run_or_ckpt: Path, device: str | torch.device = "cpu") -> tuple[SegMethod, Config, object, Path]:
     """Load the trained method, its config, its text encoder and its run directory."""
     ckpt, run = resolve_checkpoint(run_or_ckpt)
     if not (run / CONFIG_FILE).is_file() or not (run / RUN_FILE).is_file():
         raise RunError(f"{run} lacks {CONFIG_FILE} or {RUN_FILE}; is it a medtextseg run directory?")
     cfg = read_config(run / CONFIG_FILE)
     info = json.loads((run / RUN_FILE).read_text())
-    encoder = build_encoder(cfg, state=info["text_state"])
+    encoder = build_encoder(cfg, state=info["text_state"], spec=info.get("text_spec", cfg.text.encoder))
+    device = resolve_device(device) if isinstance(device, str) else device
     method = method_class(cfg.method).load_from_checkpoint(ckpt, map_location=device, weights_only=False)
-    method.eval()
+    method.to(device).eval()
     return method, cfg, encoder, run
 
 
@@ -214,21 +450,50 @@ def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
+def evaluation_dir(run: Path, data: Path, fingerprint: str) -> Path:
+    """Where figures on data other than the run's own go: ``<run>/evaluations/<name>-<fp8>/``."""
+    return Path(run) / EVAL_DIR / f"{dataset_root(data).name}-{fingerprint[:8]}"
+
+
 def evaluate(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] = ("Test",),
-             samples: list[Sample] | None = None) -> dict:
+             samples: list[Sample] | None = None, *, out: Path | None = None, device: str = "auto",
+             encoder=None) -> dict:
     """Score the run's best checkpoint on ``splits`` of ``data``.
 
-    Dice/IoU per image (threshold 0.5) at the network's input size (the papers'
-    protocol) and at the mask's original size (``*_orig``: logits upsampled
-    bilinearly before thresholding), averaged over images. Results are merged into
-    ``metrics.json`` and ``per_image.csv`` of the run directory.
+    Dice/IoU per image (threshold ``data.threshold``) at the network's input size
+    (the papers' protocol) and at the mask's original size (``*_orig``: logits
+    upsampled bilinearly before thresholding), averaged over images. Every split's
+    entry records the data it was computed on (:func:`describe_data`: path,
+    fingerprint of the file list, split).
+
+    Where the figures go: the run's own ``metrics.json`` and ``per_image.csv``
+    when ``data`` is the data the run was trained on (same fingerprint); else
+    ``out``, or by default :func:`evaluation_dir` — never over the run's own
+    figures. The folder written to is logged. ``encoder``: the run's text encoder when
+    the caller already has it (training does), instead of a new one from the run.
     """
-    method, cfg, encoder, run = load_run(run_or_ckpt)
+    method, cfg, run_encoder, run = load_run(run_or_ckpt, device=device)
+    encoder = encoder or run_encoder
+    splits = check_split_names(splits)
     if samples is None:
-        samples = validate_dataset(data, num_classes=max(2, cfg.data.num_classes), require_masks_in=tuple(splits))
-    metrics_path, rows_path = run / "metrics.json", run / "per_image.csv"
+        samples = validate_dataset(data, num_classes=cfg.data.num_classes, require_masks_in=tuple(splits),
+                                   need_splits=tuple(splits))
+    info = _read_run_info(run) or {}
+    fingerprint = dataset_fingerprint(samples, data)
+    if out is None:
+        own = info.get("data_fingerprint") in (None, fingerprint) and (
+            info.get("data_fingerprint") is not None or Path(info.get("data", "")) == Path(data).resolve())
+        target = run if own else evaluation_dir(run, data, fingerprint)
+    else:
+        target = Path(out)
+    metrics_path, rows_path = target / METRICS_FILE, target / "per_image.csv"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    rows = [r for r in _read_rows(rows_path) if r["split"] not in splits]
+    if target != run and metrics and metrics.get("run") not in (None, str(run.resolve())):
+        raise RunError(f"{target} holds the figures of another run ({metrics['run']}); choose another --out")
+    metrics = {k: v for k, v in metrics.items()
+               if k in ("model", "run") or (isinstance(v, dict) and v.get("data", {}).get("fingerprint") == fingerprint)}
+    kept_splits = {k for k in metrics if k not in ("model", "run")} - set(splits)
+    rows = [r for r in _read_rows(rows_path) if r["split"] in kept_splits]
     k = cfg.data.num_classes
     for split in splits:
         subset = [s for s in samples if s.split == split]
@@ -252,14 +517,19 @@ def evaluate(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] 
         n = len(split_rows)
         metrics[split] = {key: sum(r[key] for r in split_rows) / n for key in ("dice", "iou", "dice_orig", "iou_orig")}
         metrics[split]["n"] = n
+        metrics[split]["data"] = describe_data(samples, data, split)
         rows.extend(split_rows)
     metrics["model"] = {"preset": cfg.preset, "tier": cfg.tier, "method": cfg.method, "network": cfg.network.name,
                         "labeled_ratio": cfg.data.labeled_ratio,
                         "use_text": cfg.network.use_text, "text_encoder": cfg.text.encoder,
-                        "seed": cfg.train.seed,
-                        "parameters": sum(p.numel() for p in method.parameters())}
+                        "seed": cfg.train.seed, "threshold": cfg.data.threshold,
+                        "img_size": cfg.data.img_size,
+                        "parameters": method.num_predictor_parameters()}
+    if target != run:
+        metrics["run"] = str(run.resolve())
     atomic_write_json(metrics_path, metrics)
     _write_rows(rows_path, rows)
+    log.info("wrote %s figures on %s (fingerprint %s) to %s", ", ".join(splits), data, fingerprint, metrics_path)
     return metrics
 
 

@@ -1,7 +1,8 @@
 """Compare runs: a Markdown table of Dice/IoU and a PNG grid of overlays.
 
-Runs that share preset and tier but differ in seed are grouped into one row,
-``mean ± std`` over seeds. Figures are in percent, as in the papers' tables.
+Runs that share preset, tier and evaluation data (its fingerprint) but differ
+in seed are grouped into one row, ``mean ± std`` over seeds; each row shows its
+own data, image count and threshold. Figures are in percent, as in the papers' tables.
 """
 
 from __future__ import annotations
@@ -15,16 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from medtextseg.data.io import read_mask
-from medtextseg.data.module import (
-    load_arrays,
-    make_dataset,
-    make_loader,
-    mask_to_labels,
-    resize_mask,
-)
+from medtextseg.config import read_config
+from medtextseg.data.io import read_image, read_mask
+from medtextseg.data.module import load_arrays, make_dataset, make_loader, mask_to_labels
 from medtextseg.data.readers import read_dataset
-from medtextseg.engine import RUN_FILE, RunError, load_run, predict_logits
+from medtextseg.engine import CONFIG_FILE, RUN_FILE, RunError, load_run, predict_logits
 from medtextseg.metrics import binarize
 from medtextseg.utils import atomic_write_bytes, atomic_write_text
 
@@ -45,69 +41,101 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f}"
 
 
+def _data_label(entry: dict) -> str:
+    d = entry.get("data")
+    return f"{Path(d['path']).name} ({d['fingerprint'][:8]})" if d else "not recorded"
+
+
+def _threshold(run: Path, model: dict) -> float:
+    if "threshold" in model:
+        return float(model["threshold"])
+    return read_config(run / CONFIG_FILE).data.threshold  # metrics written before thresholds were recorded
+
+
 def metrics_table(runs: list[Path], split: str = "Test") -> str:
-    """Markdown table, one row per (preset, tier), mean ± std over the runs' seeds."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    """Markdown table, one row per (preset, tier, data), mean ± std over the runs' seeds.
+
+    Every row states its own data (dataset name and fingerprint), image count and
+    threshold; runs evaluated on different files never share a row.
+    """
+    groups: dict[tuple, list[tuple[Path, dict]]] = defaultdict(list)
     for run in runs:
         m = _metrics(run)
         if split not in m:
             raise RunError(f"{run}/metrics.json has no {split} results; run `medtextseg evaluate {run} --split {split}`")
-        groups[(m["model"]["preset"], m["model"]["tier"])].append(m)
-    head = ["Model", "Tier", "Text", "Params (M)", "Seeds", *[c for _, c in METRIC_COLUMNS]]
+        data = m[split].get("data") or {}
+        groups[(m["model"]["preset"], m["model"]["tier"], data.get("fingerprint"))].append((run, m))
+    thresholds = {_threshold(r, m["model"]) for ms in groups.values() for r, m in ms}
+    per_row_threshold = len(thresholds) > 1
+    head = ["Model", "Tier", "Text", "Params (M)", "Seeds", "Data", "Images",
+            *(["Threshold"] if per_row_threshold else []), *[c for _, c in METRIC_COLUMNS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (preset, tier), ms in groups.items():
-        model = ms[0]["model"]
+    for (preset, tier, _), ms in groups.items():
+        _, m0 = ms[0]
+        model = m0["model"]
         text = model["text_encoder"] if model["use_text"] else "—"
-        cells = [preset, tier, text, f"{model['parameters'] / 1e6:.2f}", str(len(ms))]
-        cells += [_fmt([m[split][k] for m in ms]) for k, _ in METRIC_COLUMNS]
+        counts = sorted({m[split]["n"] for _, m in ms})
+        cells = [preset, tier, text, f"{model['parameters'] / 1e6:.2f}", str(len(ms)), _data_label(m0[split]),
+                 "/".join(str(c) for c in counts)]
+        if per_row_threshold:
+            cells.append(" / ".join(f"{t:g}" for t in sorted({_threshold(r, m["model"]) for r, m in ms})))
+        cells += [_fmt([m[split][k] for _, m in ms]) for k, _ in METRIC_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    n = ms[0][split]["n"]
+    how = "threshold per row" if per_row_threshold else f"threshold {thresholds.pop():g}"
     lines.append("")
-    lines.append(f"{split} split, {n} images; Dice/IoU per image (threshold 0.5), averaged over images, in %. "
+    lines.append(f"{split} split; Dice/IoU per image ({how}), averaged over the row's images, in %. "
                  "An image whose mask and prediction are both empty scores 100.")
     return "\n".join(lines)
 
 
+def _predictions(run: Path, chosen: list) -> tuple[str, object, dict[int, np.ndarray]]:
+    """One run's thresholded predictions ``[S, S]`` (its own input size S) for ``chosen``."""
+    method, cfg, encoder, _ = load_run(run, device="auto")
+    ds = make_dataset(chosen, encoder, cfg.data)
+    out: dict[int, np.ndarray] = {}
+
+    def keep(batch, logits):
+        labels = binarize(logits, cfg.data.threshold)[:, 0].numpy()
+        for j, idx in enumerate(batch["index"].tolist()):
+            out[idx] = labels[j]
+
+    predict_logits(method, make_loader(ds, cfg.data.eval_batch_size, shuffle=False), keep)
+    return cfg.preset, cfg, out
+
+
 def overlay_grid(runs: list[Path], data: Path, out_png: Path, split: str = "Test", n_images: int = 6) -> None:
     """Rows: images of ``split``; columns: image, ground truth, each run's prediction.
-    The description is printed under each row."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The image and its ground truth are drawn at the image's own size; each run's
+    prediction over the image as that run saw it (its own input size and
+    channels). The description is printed under each row.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no backend is chosen for the process
 
     samples = [s for s in read_dataset(data) if s.split == split and s.labeled]
     if not samples:
         raise RunError(f"{data} has no labeled {split} images to draw")
     step = max(1, len(samples) // n_images)
     chosen = samples[::step][:n_images]
-    preds, names = [], []
-    for run in runs:
-        method, cfg, encoder, _ = load_run(run)
-        ds = make_dataset(chosen, encoder, cfg.data)
-        out: dict[int, np.ndarray] = {}
-
-        def keep(batch, logits, out=out, cfg=cfg):
-            labels = binarize(logits, cfg.data.threshold)[:, 0].numpy()
-            for j, idx in enumerate(batch["index"].tolist()):
-                out[idx] = labels[j]
-
-        predict_logits(method, make_loader(ds, cfg.data.eval_batch_size, shuffle=False), keep)
-        preds.append(out)
-        names.append(f"{cfg.preset}" + (f" (seed {cfg.train.seed})" if len(runs) > len({r.name for r in runs}) else ""))
-        size = cfg.data.img_size
+    results = [_predictions(run, chosen) for run in runs]
+    seeds_differ = len(runs) > len({r.name for r in runs})
+    names = [f"{name}" + (f" (seed {cfg.train.seed})" if seeds_differ else "") for name, cfg, _ in results]
     cols = 2 + len(runs)
-    fig, axes = plt.subplots(len(chosen), cols, figsize=(2.2 * cols, 2.6 * len(chosen)), squeeze=False)
+    fig = Figure(figsize=(2.2 * cols, 2.6 * len(chosen)))
+    axes = fig.subplots(len(chosen), cols, squeeze=False)
     for i, s in enumerate(chosen):
-        image = load_arrays([s], cfg.data, with_masks=False)[0][0]
-        gray = image.mean(0) if image.shape[0] > 1 else image[0]
-        gt = resize_mask(mask_to_labels(read_mask(s.mask_path), cfg.data.num_classes), size)[0]
-        panels = [("image", None), ("ground truth", gt)] + [(n, p[i]) for n, p in zip(names, preds)]
-        for c, (title, mask) in enumerate(panels):
+        image = read_image(s.image_path)
+        gt = mask_to_labels(read_mask(s.mask_path), results[0][1].data.num_classes)
+        panels = [("image", image.mean(-1), None), ("ground truth", image.mean(-1), gt)]
+        for name, (_, cfg, preds) in zip(names, results, strict=True):
+            seen = load_arrays([s], cfg.data, with_masks=False)[0][0]
+            panels.append((name, seen.mean(0), preds[i]))
+        for c, (title, gray, mask) in enumerate(panels):
             ax = axes[i, c]
             ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
             if mask is not None:
-                ax.imshow(np.ma.masked_where(mask == 0, mask), cmap="autumn", alpha=0.5, vmin=0, vmax=1)
+                ax.imshow(np.ma.masked_where(mask == 0, mask), cmap="autumn", alpha=0.5, vmin=0,
+                          vmax=max(1, int(mask.max())))
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
@@ -119,7 +147,6 @@ def overlay_grid(runs: list[Path], data: Path, out_png: Path, split: str = "Test
                  fontsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     atomic_write_bytes(out_png, buf.getvalue())
 
 

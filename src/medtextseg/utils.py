@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: the one atomic file write (every output goes through it)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            # On disk before the rename, so a crash never leaves a renamed empty file.
+            os.fsync(f.fileno())
         # mkstemp creates 0600; give the file the mode a plain open() would have.
         umask = os.umask(0)
         os.umask(umask)
@@ -50,6 +53,7 @@ def keep_freed_memory() -> bool:
     step page-faults its activations in again: 10-15% of an LViT-T step on 2 cores
     (benchmarks/throughput.py --malloc-tuning: 0.48 -> 0.62 train img/s). Keeping the
     memory costs nothing but a higher resident high-water mark. No-op off glibc.
+    Process-wide: only entry points (the CLI, a benchmark child) call it (DESIGN §8).
     Returns whether the setting was applied.
     """
     if not sys.platform.startswith("linux"):

@@ -8,13 +8,14 @@ RGBA, palette, 8- or 16-bit).
 
 from __future__ import annotations
 
-import contextlib
+import io
 import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from medtextseg.utils import atomic_write_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 """File suffixes (lower case) recognised as images or masks."""
@@ -53,6 +54,10 @@ def _check_exists(path: Path) -> None:
         raise ImageReadError(path, "file does not exist")
     if not path.is_file():
         raise ImageReadError(path, "not a file")
+    if path.stat().st_size == 0:
+        # A decoder would only say it "cannot identify" the file: say what is wrong.
+        raise ImageReadError(path, "the file is empty (0 bytes); an interrupted copy or export leaves such "
+                                   "files: copy or export it again")
 
 
 def _read_tiff_raw(path: Path) -> np.ndarray:
@@ -329,19 +334,7 @@ def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
             f"write_png_atomic: unsupported array {array.dtype} {array.shape}; expected "
             "[H, W] uint8/uint16/bool or [H, W, 3|4] uint8"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_name = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    # os.open with 0o666 lets the umask decide permissions, as a plain open() would
-    # (tempfile.mkstemp would leave the result readable by its owner only).
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            img.save(handle, format="PNG")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
     return path

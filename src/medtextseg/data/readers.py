@@ -27,15 +27,15 @@ from __future__ import annotations
 import csv
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from medtextseg.data.io import IMAGE_SUFFIXES, read_image
+from medtextseg.data.problems import Problem
 from medtextseg.data.sample import SPLITS, Sample
-from medtextseg.data.validation import Problem
 
 __all__ = [
     "DatasetError",
@@ -225,15 +225,22 @@ class _TextTable:
                 return rows
         return None
 
+    def lookup_ignoring_case(self, stems: Iterable[str]) -> list[_TextRow] | None:
+        """Unused rows whose key differs from one of ``stems`` in letter case only."""
+        lowered = {stem.lower() for stem in stems}
+        for stem, rows in self.rows_by_stem.items():
+            if stem.lower() in lowered and not any(r.row in self.used for r in rows):
+                return rows
+        return None
 
-def _iter_table_rows(path: Path) -> Iterator[tuple[int, tuple]]:
-    """``(row number, cell values)`` of the first sheet of an .xlsx, or of a .csv."""
+
+def _read_sheets(path: Path) -> list[tuple[str | None, list[tuple[int, tuple]]]]:
+    """``[(sheet name, [(row number, cell values), ...]), ...]``: every sheet of an .xlsx,
+    or the one table of a .csv (name None)."""
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
-            for cells in reader:
-                yield reader.line_num, tuple(cells)
-        return
+            return [(None, [(reader.line_num, tuple(cells)) for cells in reader])]
     import openpyxl
 
     with warnings.catch_warnings():
@@ -241,9 +248,8 @@ def _iter_table_rows(path: Path) -> Iterator[tuple[int, tuple]]:
         warnings.simplefilter("ignore")
         workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
     try:
-        sheet = workbook.worksheets[0]
-        for number, cells in enumerate(sheet.iter_rows(values_only=True), start=1):
-            yield number, cells
+        return [(sheet.title, list(enumerate(sheet.iter_rows(values_only=True), start=1)))
+                for sheet in workbook.worksheets]
     finally:
         workbook.close()
 
@@ -256,23 +262,47 @@ def _cell_text(value) -> str:
     return str(value).strip()
 
 
+def _header(rows: list[tuple[int, tuple]]) -> tuple[int | None, list[str]]:
+    """Index of the first non-blank row and its lower-cased cells."""
+    at = next((i for i, (_, cells) in enumerate(rows) if any(_cell_text(c) for c in cells)), None)
+    return at, ([_cell_text(c).lower() for c in rows[at][1]] if at is not None else [])
+
+
 def _load_text_table(path: Path) -> tuple[_TextTable | None, list[Problem]]:
     problems: list[Problem] = []
     fix_format = f"save {path.name} as a table whose first row names the columns Image, Description"
     try:
-        rows = list(_iter_table_rows(path))
+        sheets = _read_sheets(path)
     except Exception as exc:  # noqa: BLE001 - openpyxl / zipfile / csv raise many types
         return None, [Problem(path, f"cannot read the text table ({type(exc).__name__}: {exc})",
                               fix_format)]
-    header_at = next((i for i, (_, cells) in enumerate(rows)
-                      if any(_cell_text(c) for c in cells)), None)
-    if header_at is None:
-        return None, [Problem(path, "the text table is empty", fix_format)]
-    header = [_cell_text(c).lower() for c in rows[header_at][1]]
-    if "image" not in header or "description" not in header:
-        found = ", ".join(repr(h) for h in header if h) or "nothing"
-        return None, [Problem(path, f"no Image and Description columns in the first row "
-                                    f"(found {found})", fix_format)]
+    # The first sheet with both columns is the table: a workbook may keep it behind an
+    # empty or unrelated first sheet.
+    found = None
+    for name, rows in sheets:
+        at, header = _header(rows)
+        if at is not None and "image" in header and "description" in header:
+            found = (name, rows, at, header)
+            break
+    if found is None:
+        described = []
+        for name, rows in sheets:
+            at, header = _header(rows)
+            where = f" of sheet {name!r}" if name is not None else ""
+            if at is None:
+                described.append(f"sheet {name!r} is empty" if name is not None else "the table is empty")
+            else:
+                missing = [c.capitalize() for c in ("image", "description") if c not in header]
+                cells = ", ".join(repr(h) for h in header if h) or "nothing"
+                described.append(f"no {' and '.join(missing)} column{'s' if len(missing) > 1 else ''} "
+                                 f"in row {rows[at][0]}{where} (found {cells})")
+        if all(_header(rows)[0] is None for _, rows in sheets):
+            message = "the text table is empty" + (
+                f" (sheets: {', '.join(repr(n) for n, _ in sheets)})" if sheets and sheets[0][0] is not None else "")
+        else:
+            message = "; ".join(described)
+        return None, [Problem(path, message, fix_format)]
+    _, rows, header_at, header = found
     image_col, text_col = header.index("image"), header.index("description")
     table = _TextTable(path)
     for number, cells in rows[header_at + 1:]:
@@ -307,6 +337,19 @@ def _find_text_table(root: Path, split: str, split_dir: Path) -> Path | None:
     return None
 
 
+def _same_but_case(path: Path) -> Path | None:
+    """A file beside ``path`` whose name differs from it in letter case only."""
+    try:
+        entries = os.scandir(path.parent)
+    except OSError:
+        return None
+    with entries:
+        for entry in entries:
+            if entry.name.lower() == path.name.lower() and entry.name != path.name and entry.is_file():
+                return Path(entry.path)
+    return None
+
+
 def _rel(path: Path, root: Path) -> str:
     try:
         return path.relative_to(root).as_posix()
@@ -330,9 +373,9 @@ def _read_lvit(
                 f"put the {split} images in {_rel(split_dir, root)}/img/ "
                 f"or delete the empty {split_dir.name}"))
             continue
+        # An empty img/ is not skipped: its masks and text rows are then orphans, and
+        # are reported as such (a split a command needs is checked by validate_dataset).
         images = _list_images(img_dir)
-        if not images:
-            continue
         label_dir = _child(split_dir, "labelcol", want_dir=True)
         masks = _list_images(label_dir) if label_dir is not None else []
 
@@ -343,7 +386,7 @@ def _read_lvit(
 
         table_path = _find_text_table(root, split, split_dir)
         table = None
-        if table_path is None:
+        if table_path is None and images:
             problems.append(Problem(
                 split_dir / f"{split}_text.xlsx",
                 f"no text table for the {split} split (looked for {split}_text.xlsx"
@@ -351,14 +394,14 @@ def _read_lvit(
                 + f" in {_rel(split_dir, root)}/ and the dataset folder)",
                 f"create {_rel(split_dir, root)}/{split}_text.xlsx with columns Image, "
                 "Description and one row per mask file name"))
-        else:
+        elif table_path is not None:
             if table_path not in tables:
                 tables[table_path], table_problems = _load_text_table(table_path)
                 problems += table_problems
             splits_of_table.setdefault(table_path, []).append(split)
             table = tables[table_path]
 
-        if label_dir is None and split in required:
+        if label_dir is None and split in required and images:
             problems.append(Problem(
                 split_dir / "labelcol", f"{split_dir.name} has no labelcol/ folder, but "
                 f"{split} images need masks",
@@ -385,7 +428,16 @@ def _read_lvit(
             if table is not None:
                 stems = ([mask.stem] if mask is not None else []) + [stem, _MASK_PREFIX + stem]
                 rows = table.lookup(dict.fromkeys(stems))
-                if rows is None:
+                near = table.lookup_ignoring_case(stems) if rows is None else None
+                if near is not None:
+                    # One line for one mistake, not "no row" plus "row matches no image".
+                    table.used.update(r.row for r in near)
+                    problems.append(Problem(
+                        table.path, f"row {near[0].row} names {near[0].key!r}, but the file is "
+                        f"{(mask or image).name!r}: they differ only in letter case",
+                        f"write {(mask or image).name!r} in column Image of row {near[0].row}, or rename the file",
+                        kind="case-mismatch"))
+                elif rows is None:
                     key = mask.name if mask is not None else image.name
                     problems.append(Problem(
                         image, f"no row for {key!r} in {table.path.name}",
@@ -475,10 +527,12 @@ def _read_manifest(
                 "train, val or test", f"set column split of row {number} to train, val or test"))
             continue
         if not image.is_file():
+            near = _same_but_case(image)
             problems.append(Problem(
-                image, f"image of row {number} of {where} does not exist",
-                f"correct column image of row {number} (paths are relative to "
-                f"{base}) or add the file"))
+                image, f"image of row {number} of {where} does not exist"
+                + (f"; {near.name!r} differs from it only in letter case" if near else ""),
+                f"write {near.name!r} in column image of row {number}" if near else
+                f"correct column image of row {number} (paths are relative to {base}) or add the file"))
             continue
         mask = None
         if mask_rel:

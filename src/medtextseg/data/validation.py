@@ -8,76 +8,21 @@ image/mask sizes, mask values, duplicate ids, empty text), then raises one
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medtextseg.data.io import ImageReadError, image_size, read_mask
+from medtextseg.data.problems import DataError, Problem
+from medtextseg.data.readers import normalise_split, read_dataset_with_problems
 from medtextseg.data.sample import Sample
 
-__all__ = ["DataError", "Problem", "check_samples", "validate_dataset"]
+__all__ = ["DataError", "Problem", "check_samples", "check_split_names", "dataset_notes", "validate_dataset"]
 
 _MAX_VALUES_SHOWN = 5
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a dataset.
-
-    Attributes:
-        file: the offending file (image, mask, text table or manifest).
-        message: what is wrong, in words.
-        fix: a concrete action that removes the problem.
-    """
-
-    file: Path
-    message: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.file}: {self.message} -> fix: {self.fix}"
-
-
-class DataError(Exception):
-    """A dataset failed validation.
-
-    ``str()`` is a heading ``"N problem(s) found in <dataset>:"`` followed by
-    one line ``"- <file>: <message> -> fix: <fix>"`` per problem; files inside
-    the dataset folder are shown relative to it.
-
-    Attributes:
-        problems: every problem found, in a stable order.
-        dataset: the dataset path that was validated (or None).
-    """
-
-    def __init__(self, problems: Sequence[Problem], dataset: str | os.PathLike | None = None):
-        self.problems = list(problems)
-        self.dataset = Path(dataset) if dataset is not None else None
-        super().__init__(self._format())
-
-    def __reduce__(self):
-        return (type(self), (self.problems, self.dataset))
-
-    def _format(self) -> str:
-        where = f" in {self.dataset}" if self.dataset is not None else ""
-        base = None
-        if self.dataset is not None:
-            base = self.dataset.absolute()
-            if base.suffix.lower() == ".csv":
-                base = base.parent
-        lines = [f"{len(self.problems)} problem(s) found{where}:"]
-        for problem in self.problems:
-            shown = problem.file
-            if base is not None:
-                with contextlib.suppress(ValueError):  # outside the dataset: keep it whole
-                    shown = Path(problem.file).absolute().relative_to(base)
-            lines.append(f"- {shown}: {problem.message} -> fix: {problem.fix}")
-        return "\n".join(lines)
 
 
 def _format_values(values: np.ndarray) -> str:
@@ -89,14 +34,14 @@ def _format_values(values: np.ndarray) -> str:
 def _check_mask_values(mask_path: Path, mask: np.ndarray, num_classes: int) -> Problem | None:
     """``mask``: [H, W] uint8 raw values."""
     # Fast paths first: a valid mask (the common case) needs only elementwise tests.
-    if num_classes <= 2:
+    if num_classes == 1:
         if not np.any((mask != 0) & (mask != 255)) or mask.max() <= 1:
             return None
     elif mask.max() < num_classes:
         return None
     # bincount is linear time, unlike np.unique's sort.
     present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
-    if num_classes <= 2:
+    if num_classes == 1:
         return Problem(
             mask_path,
             f"mask is not binary: values {_format_values(present)} (expected {{0, 255}} or "
@@ -109,8 +54,8 @@ def _check_mask_values(mask_path: Path, mask: np.ndarray, num_classes: int) -> P
     return Problem(
         mask_path,
         f"mask holds values {_format_values(bad)} outside the class ids 0..{num_classes - 1}",
-        f"remap the mask to class ids 0..{num_classes - 1}, or set num_classes to "
-        f"{int(bad.max()) + 1}")
+        f"remap the mask to class ids 0..{num_classes - 1}, or set data.num_classes to "
+        f"{int(bad.max()) + 1}" + (" (or to 1 if it is a binary {0, 255} mask)" if num_classes == 2 else ""))
 
 
 def _check_files(sample: Sample, num_classes: int) -> list[Problem]:
@@ -174,7 +119,7 @@ def _default_workers() -> int:
 
 def check_samples(
     samples: Iterable[Sample],
-    num_classes: int = 2,
+    num_classes: int = 1,
     *,
     check_text: bool = True,
     workers: int | None = None,
@@ -184,13 +129,14 @@ def check_samples(
     Per sample: the image is intact (header size plus a cheap integrity check,
     see :func:`medtextseg.data.io.image_size`; pixels are not decoded for PNG);
     the mask, if any, decodes, has the image's size, and holds valid values
-    (binary: a subset of {0, 255} or {0, 1}; ``num_classes > 2``: ids below
-    ``num_classes``). Across samples: no id twice within a split. Text: not
+    (``num_classes`` = 1, binary: a subset of {0, 255} or {0, 1}; K >= 2: ids
+    below K). Across samples: no id twice within a split. Text: not
     empty or whitespace (``check_text``).
 
     Args:
         samples: the samples to check.
-        num_classes: 2 for binary masks, else the number of class ids.
+        num_classes: 1 for binary masks ({0, 255} or {0, 1}); K >= 2 for label maps with
+            class ids 0..K-1 (0 = background), as ``data.num_classes``.
         check_text: also report empty texts; :func:`validate_dataset` turns it
             off because the reader already reports them with their table row.
         workers: threads for the file checks; default a few more than CPU cores.
@@ -198,8 +144,8 @@ def check_samples(
     Returns:
         Problems in sample order (each distinct problem once), then duplicate ids.
     """
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be 1 (binary) or the number of classes K >= 2, got {num_classes}")
     samples = list(samples)
     workers = workers or _default_workers()
     if workers > 1 and len(samples) > 1:
@@ -222,16 +168,18 @@ def check_samples(
 def validate_dataset(
     path: str | os.PathLike,
     *,
-    num_classes: int = 2,
+    num_classes: int = 1,
     require_masks_in: Iterable[str] = ("Val", "Test"),
     domain: str | None = None,
     workers: int | None = None,
+    need_splits: Iterable[str] = (),
 ) -> list[Sample]:
     """Read a dataset and check all of it.
 
     Args:
         path: an LViT-layout folder or a ``.csv`` manifest.
-        num_classes: 2 for binary masks, else the number of class ids.
+        num_classes: 1 for binary masks ({0, 255} or {0, 1}); K >= 2 for label maps with
+            class ids 0..K-1 (0 = background), as ``data.num_classes``.
         require_masks_in: splits whose images must all have masks.
         domain: see :func:`medtextseg.data.readers.read_dataset`.
         workers: threads for the file checks (see :func:`check_samples`).
@@ -243,12 +191,41 @@ def validate_dataset(
         DataError: listing every problem found (structure and contents).
         DatasetError: the path is not a dataset at all.
     """
-    # Imported here: the reader builds Problems, so it imports this module.
-    from medtextseg.data.readers import read_dataset_with_problems
-
     samples, problems = read_dataset_with_problems(
         path, domain=domain, require_masks_in=require_masks_in)
     problems += check_samples(samples, num_classes, check_text=False, workers=workers)
+    for split in check_split_names(need_splits):
+        if not any(s.split == split for s in samples):
+            problems.append(Problem(
+                Path(path), f"the {split} split is missing or has no images, and this command needs it",
+                f"put {split} images in {split}_Folder/img/ (LViT layout) or add rows with split "
+                f"{split.lower()} to the manifest"))
     if problems:
         raise DataError(problems, path)
     return samples
+
+
+def check_split_names(names: Iterable[str]) -> list[str]:
+    """``["test", "VAL"]`` -> ``["Test", "Val"]``; raises ValueError naming an unknown split."""
+    if isinstance(names, str):
+        names = [names]
+    out = []
+    for name in names:
+        split = normalise_split(name)
+        if split is None:
+            raise ValueError(f"unknown split {name!r}; use Train, Val or Test")
+        if split not in out:
+            out.append(split)
+    return out
+
+
+def dataset_notes(samples: Sequence[Sample]) -> list[str]:
+    """Facts about a valid dataset worth telling before training (not problems)."""
+    notes = []
+    unlabeled = sum(s.split == "Train" and not s.labeled for s in samples)
+    if unlabeled:
+        notes.append(f"{unlabeled} Train images have no mask: supervised presets skip them; "
+                     "semi-supervised presets use them as unlabeled")
+    if not any(s.split == "Test" for s in samples):
+        notes.append("no Test split: training selects on Val and reports no Test figures")
+    return notes

@@ -58,6 +58,18 @@ class SegMethod(L.LightningModule):
     def check_config(cls, cfg: Config) -> None:
         """Raise ``ValueError`` for a config this method cannot train (called before anything is written)."""
 
+    @classmethod
+    def needs_text(cls, cfg: Config) -> bool:
+        """Whether training or prediction reads the texts at all; when not, the engine
+        builds the ``none`` text encoder and never loads a language model."""
+        return cfg.network.use_text
+
+    def num_predictor_parameters(self) -> int:
+        """Parameters of what predicts: the network and a trainable text embedder, not
+        training-only copies such as a Mean Teacher's EMA teacher."""
+        modules = [self.net] + ([self.text_embedder] if self.text_embedder is not None else [])
+        return sum(p.numel() for m in modules for p in m.parameters())
+
     def forward(self, images: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         if self.cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -88,14 +100,42 @@ class SegMethod(L.LightningModule):
         self.log("val/iou", iou.mean(), batch_size=n, sync_dist=True)
 
     def configure_optimizers(self):
+        """Adam; the per-epoch schedule (cosine warm restarts, T_0 = ``optim.t0``) times a
+        linear warm-up over the first ``optim.lr_warmup_epochs`` epochs, as one per-step
+        LambdaLR so that neither overwrites the other's learning rate.
+
+        Learning rate at optimizer step s of epoch e = floor(s / steps_per_epoch):
+        lr · min(1, (s + 1) / warmup_steps) · c(e) / lr, where c(e) is the cosine
+        restarts value at epoch e (``eta_min`` + (lr - eta_min)(1 + cos(π T_cur / T_0)) / 2).
+        """
         o = self.cfg.optim
         opt = torch.optim.Adam(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        if o.scheduler == "none":
-            return opt
-        if o.scheduler != "cosine_restarts":
+        if o.scheduler not in ("cosine_restarts", "none"):
             raise ValueError(f"optim.scheduler must be 'cosine_restarts' or 'none', got {o.scheduler!r}")
-        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=o.t0, eta_min=o.eta_min)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if o.scheduler == "none" and o.lr_warmup_epochs <= 0:
+            return opt
+        steps_per_epoch = max(1, self.steps_per_epoch())
+        warmup_steps = max(0, round(o.lr_warmup_epochs * steps_per_epoch))
+
+        def factor(step: int) -> float:
+            f = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+            if o.scheduler == "cosine_restarts":
+                t_cur = (step // steps_per_epoch) % o.t0
+                f *= (o.eta_min + (o.lr - o.eta_min) * (1 + math.cos(math.pi * t_cur / o.t0)) / 2) / o.lr
+            return f
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch, known once the trainer has its train loader."""
+        trainer = self._trainer
+        if trainer is None:
+            return 1
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total) or trainer.max_epochs in (None, -1):
+            return max(1, int(trainer.num_training_batches)) if math.isfinite(trainer.num_training_batches) else 1
+        return max(1, int(total // trainer.max_epochs))
 
 
 def sigmoid_rampup(progress: float) -> float:

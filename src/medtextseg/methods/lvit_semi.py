@@ -27,7 +27,7 @@ generation is made in ``on_train_start``.)
 the data module passes it through the same random transform as the image, so
 the target of a rotated image is the rotated pseudo label.
 
-**Target.** The pseudo label used in L_unsup is P_t > 0.5 (``semi.hard_labels``;
+**Target.** The pseudo label used in L_unsup is P_t > ``data.threshold`` (0.5) (``semi.hard_labels``;
 P_t itself when false).
 
 **Contrastive labels (LV).** For every unlabeled image the contrastive label
@@ -213,6 +213,11 @@ class LViTSemi(SemiSupervised):
 
     unlabeled_keys = ("pseudo", "contrast")
 
+    @classmethod
+    def needs_text(cls, cfg) -> bool:
+        # The LV loss matches texts even when the network itself ignores them (LViT-TW).
+        return cfg.network.use_text or cfg.semi.lv_loss
+
     def __init__(self, config: dict, text_state: dict | None = None, text_dim: int = 256):
         super().__init__(config, text_state, text_dim)
         self.bank: PseudoLabelBank | None = None
@@ -251,7 +256,7 @@ class LViTSemi(SemiSupervised):
                                    "lv/exact_text": float((sim > 1 - 1e-6).float().mean())}
             if unl.hidden_masks is not None:
                 # Diagnostic only: how well the chosen contrastive labels fit the withheld masks.
-                hard = (contrast[match] > 0.5).long()
+                hard = (contrast[match] > self.cfg.data.threshold).long()
                 self._pending_stats["lv/contrast_dice"] = float(
                     dice_iou_per_image(hard, torch.from_numpy(unl.hidden_masks).long(), 1)[0].mean())
         unl.targets = UnlabeledTargets(self.bank, contrast, match)
@@ -291,13 +296,13 @@ class LViTSemi(SemiSupervised):
                     self.bank.update(b["index"], probs)
                     if hidden is not None:
                         gt = torch.from_numpy(hidden[b["index"].numpy()]).long()
-                        dice_now.append(dice_iou_per_image((probs.cpu() > 0.5).long(), gt, 1)[0])
+                        dice_now.append(dice_iou_per_image((probs.cpu() > self.cfg.data.threshold).long(), gt, 1)[0])
         finally:
             self.train(was_training)
         self.bank.end_generation()
         stats = {"epi/generation": float(self.bank.generation)}
         if hidden is not None:
-            bank_hard = (self.bank.data.float() > 0.5).long()
+            bank_hard = (self.bank.data.float() > self.cfg.data.threshold).long()
             stats["epi/pseudo_dice"] = float(dice_iou_per_image(bank_hard, torch.from_numpy(hidden).long(), 1)[0].mean())
             stats["epi/prediction_dice"] = float(torch.cat(dice_now).mean())
         return stats
@@ -313,7 +318,7 @@ class LViTSemi(SemiSupervised):
         n_l = len(lab["image"])
         l_sup = self.sup_loss(logits[:n_l], lab["mask"])
         logits_u = logits[n_l:]
-        target = (unl["pseudo"] > 0.5).long() if self.cfg.semi.hard_labels else unl["pseudo"].clamp(0, 1)
+        target = (unl["pseudo"] > self.cfg.data.threshold).long() if self.cfg.semi.hard_labels else unl["pseudo"].clamp(0, 1)
         l_unsup = self.sup_loss(logits_u, target)
         if self.has_contrast:
             valid = lv_valid(unl["contrast"])

@@ -1,13 +1,16 @@
-"""Text encoders (learned, packaged MiniLM, local Hugging Face checkpoint) and their cache.
+"""Text encoders (learned, packaged MiniLM, local Hugging Face checkpoint, none) and their cache.
 
 Use :func:`build_text_encoder`; see :mod:`medtextseg.text.encoders` for the feature layout.
+Truncated or unrepresentable texts give a :class:`TextWarning` (one per kind and encode call).
 """
 
 from medtextseg.text.cache import EmbeddingCache, text_hash
+from medtextseg.text.checks import TextReport, TextWarning
 from medtextseg.text.encoders import (
     VALID_SPECS,
     FrozenTextEncoder,
     LearnedTextEncoder,
+    NoTextEncoder,
     TextEncoder,
     build_text_encoder,
     check_model_dir,
@@ -23,7 +26,10 @@ __all__ = [
     "EmbeddingCache",
     "FrozenTextEncoder",
     "LearnedTextEncoder",
+    "NoTextEncoder",
     "TextEncoder",
+    "TextReport",
+    "TextWarning",
     "Vocab",
     "build_text_encoder",
     "check_model_dir",

@@ -9,9 +9,11 @@ Layout on disk::
 so a changed checkpoint or length never reads stale entries. One small file
 per text keeps concurrent writers (several processes / DDP ranks) from ever
 touching the same file except to write identical bytes; every write goes to a
-temporary file first and is moved into place with :func:`os.replace`, so a
-reader sees either nothing or a complete file. ``.npy`` loads about three
-times faster than ``torch.load`` for many small arrays (~0.2 s per 1,000 texts).
+temporary file first and is moved into place with :func:`os.replace`
+(:func:`medtextseg.utils.atomic_write_bytes`; files get the mode the umask
+gives), so a reader sees either nothing or a complete file. ``.npy`` loads
+about three times faster than ``torch.load`` for many small arrays (~0.2 s per
+1,000 texts).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from medtextseg.utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +35,6 @@ log = logging.getLogger(__name__)
 def text_hash(text: str) -> str:
     """Hex sha1 of the exact UTF-8 text: the cache key of one description."""
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp creates 0600 files; a shared cache directory should be readable by others.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 class EmbeddingCache:

@@ -1,6 +1,6 @@
 """Text encoders: turn clinical descriptions into token features for the networks.
 
-Three encoders, chosen by a spec string (see :func:`build_text_encoder`):
+Four encoders, chosen by a spec string (see :func:`build_text_encoder`):
 
 ``learned``
     Word-level vocabulary fitted on the training texts plus an embedding table
@@ -11,15 +11,27 @@ Three encoders, chosen by a spec string (see :func:`build_text_encoder`):
     384-d token embeddings from its last hidden state.
 ``hf:<dir>``
     Any BERT-like Hugging Face checkpoint already on disk, frozen.
+``none``
+    No text at all, for methods whose networks read none (U-Net): one
+    padding id per text, ``L = D = 1``; nothing is fitted, loaded or imported.
 
 Frozen encoders run once per unique text and cache the result (memory, and on
 disk when a ``cache_dir`` is given), so training never pays for text encoding.
 Nothing here ever downloads: checkpoints load with ``local_files_only=True``
-from a local directory, and transformers is imported only when a text is not
-cached yet.
+from a local directory. transformers is imported when a text is seen for the
+first time in a process: its tokenizer (about 2 s to import and load) counts
+every text's tokens for the warnings below, and the model (seconds more) is
+loaded only when a text is not cached yet.
 
 Feature layout, shared by all encoders: every text becomes ``L = max_len``
 positions, real tokens first, then padding (id 0 / an all-zero vector).
+
+What a text loses is never silent. Each encode call (:meth:`TextEncoder.features`,
+:meth:`TextEncoder.similarity_vectors`) emits at most one
+:class:`~medtextseg.text.checks.TextWarning` saying how many of its distinct
+texts were longer than ``max_len`` and truncated, and the ``max_len`` that would
+hold them all, and at most one saying how many hold words or characters the
+encoder cannot represent, with examples; cached texts are counted too.
 """
 
 from __future__ import annotations
@@ -37,11 +49,19 @@ import torch
 from torch import nn
 
 from medtextseg.text.cache import EmbeddingCache, text_hash
-from medtextseg.text.tokenize import PAD_ID, UNK_ID, Vocab
+from medtextseg.text.checks import (
+    TextReport,
+    TextWarning,
+    distinct,
+    is_harmless,
+    script,
+    warn_text_problems,
+)
+from medtextseg.text.tokenize import PAD_ID, UNK_ID, Vocab, tokenize_words
 
 log = logging.getLogger(__name__)
 
-VALID_SPECS = ("learned", "minilm", "hf:<dir>")
+VALID_SPECS = ("learned", "minilm", "hf:<dir>", "none")
 
 _CONFIG_FILE = "config.json"
 _WEIGHT_FILES = (
@@ -79,11 +99,22 @@ def _unique(texts: Sequence[str]) -> tuple[list[str], torch.Tensor]:
     return list(index), torch.tensor(inverse, dtype=torch.long)
 
 
+def _merge_touching(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Join character spans that touch, so "左肺" (two [UNK] pieces) is quoted as one word."""
+    merged: list[tuple[int, int]] = []
+    for a, b in spans:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
+
+
 class TextEncoder(abc.ABC):
     """Common interface of all text encoders.
 
     Attributes:
-        spec: ``"learned"``, ``"minilm"`` or ``"hf:<dir>"``.
+        spec: ``"learned"``, ``"minilm"``, ``"hf:<dir>"`` or ``"none"``.
         dim: D, the width of the token embeddings :meth:`embedder` produces.
         max_len: L, the number of token positions every text is padded/truncated to.
         trainable: whether :meth:`embedder` has parameters to train.
@@ -97,13 +128,30 @@ class TextEncoder(abc.ABC):
     def fit(self, texts: Sequence[str]) -> None:
         """Prepare the encoder from the training texts (only ``learned`` uses this)."""
 
+    def _not_yet_warned(self, uniq: Sequence[str], reports: Sequence[TextReport]) -> list[TextReport]:
+        """The reports of the texts no earlier call of this encoder has warned about.
+
+        A run encodes Train, Val and Test in separate calls (and the engine first
+        encodes all of them at once): each text is counted in one warning only, so
+        a run says it once instead of once per split.
+        """
+        seen = self.__dict__.setdefault("_warned_texts", set())
+        fresh = [r for t, r in zip(uniq, reports, strict=True) if t not in seen]
+        seen.update(uniq)
+        return fresh
+
     @abc.abstractmethod
     def features(self, texts: Sequence[str]) -> torch.Tensor:
         """Per-text features, computed once per unique text.
 
+        Texts longer than ``max_len`` tokens are truncated, and texts with words
+        the encoder cannot represent lose them; either gives one
+        :class:`~medtextseg.text.checks.TextWarning` per call (see the encoder).
+
         Returns:
             ``learned``: LongTensor ``[N, L]`` of token ids (0 = padding).
             frozen: FloatTensor ``[N, L, D]`` of token embeddings, zero at padding.
+            ``none``: LongTensor ``[N, 1]`` of zeros (padding).
         """
 
     @abc.abstractmethod
@@ -132,6 +180,18 @@ class LearnedTextEncoder(TextEncoder):
 
     Ids: 0 = padding, 1 = unknown word, then the fitted words in sorted order.
     Texts longer than ``max_len`` words (punctuation counts as a word) are truncated.
+
+    Warnings (:class:`~medtextseg.text.checks.TextWarning`, one of each kind per call):
+    truncation, in :meth:`features` (tf-idf :meth:`similarity_vectors` read the
+    whole text); and text the vocabulary cannot represent at all, which becomes
+    ``<unk>``: words in a script no fitted word used (Chinese, Cyrillic or digits
+    for a vocabulary fitted on English words) and symbols or emoji no fitted text
+    had. The tokenizer itself drops nothing but whitespace
+    (:mod:`medtextseg.text.tokenize`). A new word in a known script ("zebra",
+    "naïve" for an English vocabulary without them) also becomes ``<unk>``, but
+    that is what any fitted vocabulary does to new words at validation and
+    prediction time, so it is not reported; neither is a lone accent or an
+    invisible control/format character.
     """
 
     trainable = True
@@ -145,7 +205,8 @@ class LearnedTextEncoder(TextEncoder):
         self.max_len = int(max_len)
         self.dim = int(dim)
         self.vocab = vocab
-        self._ids: dict[str, torch.Tensor] = {}
+        self._ids: dict[str, tuple[torch.Tensor, TextReport]] = {}
+        self._scripts: tuple[Vocab, frozenset[str]] | None = None  # scripts of the fitted words
 
     @property
     def vocab_size(self) -> int:
@@ -168,22 +229,51 @@ class LearnedTextEncoder(TextEncoder):
         self.vocab = Vocab.from_texts(uniq)
         self._ids.clear()
 
+    def _encode(self, text: str) -> tuple[torch.Tensor, TextReport]:
+        """Padded/truncated ids ``[L]`` of one text and what encoding it loses (memoised)."""
+        hit = self._ids.get(text)
+        if hit is None:
+            vocab = self._require_vocab()
+            tokens = tokenize_words(text)
+            ids = vocab.encode_tokens(tokens)
+            lost = [t for t, i in zip(tokens, ids) if i == UNK_ID and self._unrepresentable(t)]
+            row = torch.full((self.max_len,), PAD_ID, dtype=torch.long)
+            kept = ids[: self.max_len]
+            row[: len(kept)] = torch.tensor(kept, dtype=torch.long)
+            hit = self._ids[text] = (row, TextReport(len(tokens), distinct(lost)))
+        return hit
+
+    def _unrepresentable(self, token: str) -> bool:
+        """Whether an unknown token is one the vocabulary could never have known (see the class)."""
+        if len(token) == 1 and not token.isalnum() and token != "_":  # a punctuation token
+            return not is_harmless(token)
+        vocab = self._require_vocab()
+        if self._scripts is None or self._scripts[0] is not vocab:
+            self._scripts = (vocab, frozenset(script(c) for c in vocab.chars if c.isalnum()))
+        return any(c.isalnum() and script(c) not in self._scripts[1] for c in token)
+
+    def _warn(self, reports: list[TextReport], *, truncates: bool) -> None:
+        warn_text_problems(
+            self.spec,
+            reports,
+            self.max_len,
+            counted="words and punctuation marks count as tokens",
+            unrepresentable=(
+                "characters the fitted vocabulary has never seen (their words became <unk>)"
+            ),
+            truncates=truncates,
+            stacklevel=3,
+        )
+
     def features(self, texts: Sequence[str]) -> torch.Tensor:
         """LongTensor ``[N, L]`` of token ids; unknown words -> 1, padding -> 0."""
-        vocab = self._require_vocab()
+        self._require_vocab()
         uniq, inverse = _unique(texts)
-        rows = []
-        for t in uniq:
-            ids = self._ids.get(t)
-            if ids is None:
-                tok = vocab.encode(t)[: self.max_len]
-                ids = torch.full((self.max_len,), PAD_ID, dtype=torch.long)
-                ids[: len(tok)] = torch.tensor(tok, dtype=torch.long)
-                self._ids[t] = ids
-            rows.append(ids)
-        if not rows:
+        encoded = [self._encode(t) for t in uniq]
+        self._warn(self._not_yet_warned(uniq, [r for _, r in encoded]), truncates=True)
+        if not encoded:
             return torch.zeros((0, self.max_len), dtype=torch.long)
-        return torch.stack(rows)[inverse]
+        return torch.stack([row for row, _ in encoded])[inverse]
 
     def embedder(self) -> nn.Module:
         """A fresh ``nn.Embedding(vocab_size, dim, padding_idx=0)``: LongTensor ``[B, L]`` -> float ``[B, L, D]``."""
@@ -203,6 +293,7 @@ class LearnedTextEncoder(TextEncoder):
         """
         vocab = self._require_vocab()
         uniq, inverse = _unique(texts)
+        self._warn(self._not_yet_warned(uniq, [self._encode(t)[1] for t in uniq]), truncates=False)
         df = torch.tensor(vocab.doc_freq, dtype=torch.float32)
         idf = torch.log((1.0 + vocab.n_docs) / (1.0 + df)) + 1.0
         idf[PAD_ID] = 0.0
@@ -314,6 +405,15 @@ class FrozenTextEncoder(TextEncoder):
     fixed padded length L, in batches of ``batch_size``. Token embeddings are
     the last hidden state, [CLS] and [SEP] included (they count as tokens).
 
+    Warnings (:class:`~medtextseg.text.checks.TextWarning`, one of each kind per
+    :meth:`features` or :meth:`similarity_vectors` call, cached texts included):
+    texts longer than ``max_len`` tokens, and texts with pieces the tokenizer
+    turns into its unknown token (an emoji, a script missing from its vocabulary)
+    or removes (U+FFFD from a broken spreadsheet, private-use characters). Lost
+    whitespace, control and format characters and accents (uncased models strip
+    them) are not reported. To count tokens of cached texts only the tokenizer
+    is loaded, never the model; each text is tokenised once per process.
+
     Args:
         spec: ``"minilm"`` or ``"hf:<dir>"`` (kept verbatim in :meth:`state`).
         model_dir: directory with config.json, weights and tokenizer files.
@@ -342,6 +442,7 @@ class FrozenTextEncoder(TextEncoder):
         limit = config.get("max_position_embeddings")
         if isinstance(limit, int) and max_len > limit:
             raise ValueError(f"max_len={max_len} exceeds the {limit} positions of {self.model_dir}")
+        self.max_positions: int | None = limit if isinstance(limit, int) else None
         self.max_len = int(max_len)
         self.batch_size = int(batch_size)
         self.fingerprint = model_fingerprint(self.model_dir)
@@ -360,28 +461,50 @@ class FrozenTextEncoder(TextEncoder):
         )
         self._tokenizer = None
         self._model: nn.Module | None = None
+        self._reports: dict[str, TextReport] = {}
+        self._dropped: dict[str, bool] = {}  # character -> whether the tokenizer removes it
 
     # -- model ---------------------------------------------------------------------------------
 
-    def _load_model(self) -> tuple:
-        """Load (tokenizer, model) from ``model_dir``, offline; the model frozen, float32, eval."""
+    def _transformers(self):
         try:
-            from transformers import AutoModel, AutoTokenizer
+            import transformers
         except ImportError as err:  # pragma: no cover - transformers is a dependency
             raise ImportError(f"text encoder {self.spec!r} needs the transformers package") from err
-        t0 = time.perf_counter()
+        return transformers
+
+    def _load_tokenizer(self):
+        """Load the tokenizer from ``model_dir``, offline (cheap next to the model)."""
+        auto = self._transformers().AutoTokenizer
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
-            model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True)
+            tokenizer = auto.from_pretrained(str(self.model_dir), local_files_only=True)
         # Any failure here means the directory is not a usable checkpoint; say which one.
         except Exception as err:
             raise ValueError(
-                f"cannot load a tokenizer and model from {self.model_dir} ({err}); {_EXPECTED_FILES_MSG}"
+                f"cannot load a tokenizer from {self.model_dir} ({err}); {_EXPECTED_FILES_MSG}"
             ) from err
         if tokenizer.pad_token_id is None:
             raise ValueError(
                 f"the tokenizer in {self.model_dir} has no padding token; use a BERT-like model"
             )
+        return tokenizer
+
+    def _ensure_tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = self._load_tokenizer()
+        return self._tokenizer
+
+    def _load_model(self) -> tuple:
+        """Load (tokenizer, model) from ``model_dir``, offline; the model frozen, float32, eval."""
+        auto = self._transformers().AutoModel
+        t0 = time.perf_counter()
+        tokenizer = self._ensure_tokenizer()
+        try:
+            model = auto.from_pretrained(str(self.model_dir), local_files_only=True)
+        except Exception as err:
+            raise ValueError(
+                f"cannot load a model from {self.model_dir} ({err}); {_EXPECTED_FILES_MSG}"
+            ) from err
         # Checkpoints may be stored in fp16/bf16; CPU inference wants float32.
         model = model.float().eval().requires_grad_(False)
         log.info("loaded text model %s in %.1fs", self.model_dir, time.perf_counter() - t0)
@@ -422,6 +545,76 @@ class FrozenTextEncoder(TextEncoder):
                     out.append(row[mask].clone())
         return out
 
+    # -- what texts lose ------------------------------------------------------------------------
+
+    def _is_dropped(self, char: str, normalizer) -> bool:
+        """Whether the tokenizer's normaliser removes ``char`` (memoised per character)."""
+        hit = self._dropped.get(char)
+        if hit is None:
+            hit = self._dropped[char] = normalizer.normalize_str(char) == ""
+        return hit
+
+    def _text_reports(self, uniq: list[str]) -> list[TextReport]:
+        """One :class:`TextReport` per distinct text; tokenises new ones (never runs the model)."""
+        new = [t for t in uniq if t not in self._reports]
+        if new:
+            tokenizer = self._ensure_tokenizer()
+            unk_id = tokenizer.unk_token_id
+            fast = bool(getattr(tokenizer, "is_fast", False))
+            normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+            for start in range(0, len(new), 1024):
+                chunk = new[start : start + 1024]
+                # No truncation, to count every token; verbose=False keeps transformers
+                # from logging "sequence length is longer than the specified maximum".
+                batch = tokenizer(
+                    chunk,
+                    add_special_tokens=True,
+                    truncation=False,
+                    padding=False,
+                    verbose=False,
+                    return_attention_mask=False,
+                    return_token_type_ids=False,
+                    return_offsets_mapping=fast,
+                )
+                for row, text in enumerate(chunk):
+                    ids = batch["input_ids"][row]
+                    lost: list[str] = []
+                    if unk_id is not None and unk_id in ids:
+                        if fast:
+                            spans = batch["offset_mapping"][row]
+                            unk_spans = [
+                                (a, b) for i, (a, b) in zip(ids, spans) if i == unk_id and b > a
+                            ]
+                            lost += [text[a:b] for a, b in _merge_touching(unk_spans)]
+                        else:
+                            unk = tokenizer.unk_token
+                            lost += [w for w in text.split() if unk in tokenizer.tokenize(w)]
+                    if normalizer is not None:
+                        chars = distinct(text)
+                        lost += [
+                            c
+                            for c in chars
+                            if not is_harmless(c) and self._is_dropped(c, normalizer)
+                        ]
+                    self._reports[text] = TextReport(len(ids), distinct(lost))
+        return [self._reports[t] for t in uniq]
+
+    def _check(self, uniq: list[str]) -> None:
+        reports = self._not_yet_warned(uniq, self._text_reports(uniq))  # loads the tokenizer if a text is new
+        unk = getattr(self._tokenizer, "unk_token", None) or "[UNK]"
+        warn_text_problems(
+            self.spec,
+            reports,
+            self.max_len,
+            counted="[CLS] and [SEP] count as tokens",
+            unrepresentable=(
+                "words or characters its tokenizer cannot represent "
+                f"(they became {unk} or were dropped)"
+            ),
+            max_positions=self.max_positions,
+            stacklevel=3,
+        )
+
     def _embeddings(self, uniq: list[str]) -> list[torch.Tensor]:
         """Cached ``[n_tokens, D]`` embeddings of distinct texts, running the model on misses only."""
         keys = [text_hash(t) for t in uniq]
@@ -446,6 +639,7 @@ class FrozenTextEncoder(TextEncoder):
     def features(self, texts: Sequence[str]) -> torch.Tensor:
         """FloatTensor ``[N, L, D]``: token embeddings, real tokens first, zeros at padding."""
         uniq, inverse = _unique(texts)
+        self._check(uniq)
         embs = self._embeddings(uniq)
         feats = torch.zeros((len(uniq), self.max_len, self.dim), dtype=torch.float32)
         for row, emb in zip(feats, embs):
@@ -464,6 +658,7 @@ class FrozenTextEncoder(TextEncoder):
         """FloatTensor ``[N, D]``: mean of each text's token embeddings over its real tokens
         ([CLS]/[SEP] included, like sentence-transformers mean pooling; not L2-normalised)."""
         uniq, inverse = _unique(texts)
+        self._check(uniq)
         embs = self._embeddings(uniq)
         if not embs:
             return torch.zeros((0, self.dim), dtype=torch.float32)
@@ -478,6 +673,56 @@ class FrozenTextEncoder(TextEncoder):
         }
 
 
+class _NoTextEmbedder(nn.Module):
+    """LongTensor ``[B, L]`` -> float zeros ``[B, L, dim]``; no parameters."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.new_zeros((*features.shape[:2], self.dim), dtype=torch.float32)
+
+
+class NoTextEncoder(TextEncoder):
+    """The encoder of methods that read no text (U-Net and other text-free networks).
+
+    Every text becomes one padding position: :meth:`features` is a LongTensor
+    ``[N, 1]`` of zeros, ``max_len = dim = 1`` whatever the config says, and
+    :meth:`token_mask` is all False. Nothing is fitted, loaded, cached or
+    imported (no transformers), and nothing is ever truncated, so it never
+    warns. It has no notion of text similarity: :meth:`similarity_vectors` raises.
+    """
+
+    trainable = False
+
+    def __init__(self):
+        self.spec = "none"
+        self.max_len = 1
+        self.dim = 1
+
+    def features(self, texts: Sequence[str]) -> torch.Tensor:
+        """LongTensor ``[N, 1]`` of zeros (one padding position per text)."""
+        _, inverse = _unique(texts)  # still rejects a non-str text: a data bug either way
+        return torch.zeros((len(inverse), self.max_len), dtype=torch.long)
+
+    def embedder(self) -> nn.Module:
+        """A parameter-free module: LongTensor ``[B, 1]`` -> float zeros ``[B, 1, 1]``."""
+        return _NoTextEmbedder(self.dim)
+
+    def token_mask(self, features: torch.Tensor) -> torch.Tensor:
+        return features != PAD_ID
+
+    def similarity_vectors(self, texts: Sequence[str]) -> torch.Tensor:
+        raise RuntimeError(
+            "the 'none' text encoder reads no text, so it cannot compare texts; "
+            "use text.encoder learned, minilm or hf:<dir> for a method that matches texts"
+        )
+
+    def state(self) -> dict:
+        return {"spec": self.spec, "max_len": self.max_len, "dim": self.dim}
+
+
 def build_text_encoder(
     spec: str,
     *,
@@ -489,7 +734,9 @@ def build_text_encoder(
     """Build a text encoder from its spec string.
 
     Args:
-        spec: ``"learned"``, ``"minilm"`` or ``"hf:<dir>"``.
+        spec: ``"learned"``, ``"minilm"``, ``"hf:<dir>"``, or ``"none"`` for a
+            method that reads no text (:class:`NoTextEncoder`: ``L = D = 1``,
+            ``max_len`` and ``dim`` are ignored, transformers is never imported).
         max_len: L, token positions per text (frozen encoders count [CLS]/[SEP]).
         dim: embedding width D of ``learned``; frozen encoders take their model's width.
         cache_dir: on-disk embedding cache root for frozen encoders (ignored by ``learned``).
@@ -511,6 +758,8 @@ def build_text_encoder(
         max_len = int(state.get("max_len", max_len))
         dim = int(state.get("dim", dim))
 
+    if spec == "none":
+        return NoTextEncoder()
     if spec == "learned":
         vocab_state = (state or {}).get("vocab")
         vocab = Vocab.from_dict(vocab_state) if vocab_state else None
@@ -531,6 +780,7 @@ def build_text_encoder(
         warnings.warn(
             f"the model files in {model_dir} differ from those the saved run used "
             f"(fingerprint {encoder.fingerprint[:12]} vs {saved[:12]}); text features will differ",
+            TextWarning,
             stacklevel=2,
         )
     return encoder

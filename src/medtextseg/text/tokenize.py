@@ -4,6 +4,13 @@ Clinical annotations are short and noisy (typos, missing spaces after
 punctuation, odd unicode from spreadsheets), so the tokenizer is deliberately
 simple: NFKC-normalise, lowercase, then split into runs of word characters and
 single punctuation marks. ``"lung.Two  areas"`` -> ``["lung", ".", "two", "areas"]``.
+
+Only whitespace is ever dropped: every other character, whatever its script,
+ends up in a token (a letter or digit run of any script is a word, and any
+other single character, an emoji, a control character or a lone combining mark
+included, is a punctuation token). Chinese and Japanese have no spaces, so a
+clause of them is one word. Whether the vocabulary knows a token is
+:meth:`Vocab.encode`'s business.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ class Vocab:
         self.doc_freq: list[int] = [int(d) for d in doc_freq]
         self.n_docs = int(n_docs)
         self._index = {t: i for i, t in enumerate(tokens)}
+        self._chars: frozenset[str] | None = None
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> Vocab:
@@ -67,7 +75,18 @@ class Vocab:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (unknown words -> :data:`UNK_ID`), not padded or truncated."""
-        return [self._index.get(t, UNK_ID) for t in tokenize_words(text)]
+        return self.encode_tokens(tokenize_words(text))
+
+    def encode_tokens(self, tokens: Iterable[str]) -> list[int]:
+        """Ids of already tokenised words (unknown words -> :data:`UNK_ID`)."""
+        return [self._index.get(t, UNK_ID) for t in tokens]
+
+    @property
+    def chars(self) -> frozenset[str]:
+        """Every character of the real tokens: what the fitted texts taught the vocabulary."""
+        if self._chars is None:
+            self._chars = frozenset("".join(self.tokens[2:]))
+        return self._chars
 
     def to_dict(self) -> dict:
         return {"tokens": list(self.tokens), "doc_freq": list(self.doc_freq), "n_docs": self.n_docs}

@@ -1,0 +1,58 @@
+"""A dataset's identity, so that recorded figures always say which data produced them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from medtextseg.data.sample import Sample
+
+FINGERPRINT_CHARS = 16
+
+
+def _rel(path: Path | None, root: Path) -> str:
+    if path is None:
+        return ""
+    try:
+        return Path(path).absolute().relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def dataset_root(data: str | os.PathLike) -> Path:
+    """The folder file names are taken relative to: the dataset folder, or a manifest's folder."""
+    p = Path(data).expanduser().absolute()
+    return p.parent if p.is_file() else p
+
+
+def dataset_fingerprint(samples: Sequence[Sample], data: str | os.PathLike,
+                        splits: Iterable[str] | None = None) -> str:
+    """SHA-256 (first 16 hex digits) of the file list of ``samples``.
+
+    Each sample contributes its split, its image and mask paths relative to the
+    dataset root, both files' sizes and its text, in a fixed order; so a copied or
+    moved dataset keeps its fingerprint, while adding, removing, replacing a
+    file or editing a description changes it. ``splits`` restricts it to those
+    splits (the figures of ``Test`` depend on the Test files only).
+    """
+    root = dataset_root(data)
+    keep = set(splits) if splits is not None else None
+    lines = []
+    for s in samples:
+        if keep is not None and s.split not in keep:
+            continue
+        sizes = [str(os.path.getsize(p)) if p is not None and os.path.exists(p) else "-"
+                 for p in (s.image_path, s.mask_path)]
+        lines.append("\t".join((s.split, _rel(s.image_path, root), _rel(s.mask_path, root), *sizes, s.text)))
+    digest = hashlib.sha256("\n".join(sorted(lines)).encode("utf-8"))
+    return digest.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def describe_data(samples: Sequence[Sample], data: str | os.PathLike, split: str) -> dict:
+    """``{"path", "fingerprint", "split", "files"}`` recorded beside a split's figures:
+    ``fingerprint`` covers the whole dataset, ``split_fingerprint`` the scored split."""
+    return {"path": str(Path(data).expanduser().absolute()), "fingerprint": dataset_fingerprint(samples, data),
+            "split": split, "split_fingerprint": dataset_fingerprint(samples, data, [split]),
+            "files": sum(s.split == split for s in samples)}
