@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from medtextseg.data.io import (
 )
 from medtextseg.data.readers import (
     DatasetError,
+    check_split_names,
+    explain_missing_split,
     normalise_split,
     read_dataset,
     read_dataset_with_problems,
@@ -383,3 +386,210 @@ def test_csv_manifest_problems(tmp_path):
 def test_normalise_split():
     assert [normalise_split(s) for s in ("train", " VAL ", "Validation", "test", "x")] == [
         "Train", "Val", "Val", "Test", None]
+
+
+# --------------------------------------------------------------------------- messages that tell the truth
+
+
+def test_image_read_errors_name_the_cause(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    for name in ("a.png", "a.jpg", "a.bmp", "a.tif"):
+        full = write_rgb(tmp_path / name, size=(32, 32)) if name.endswith(".tif") else tmp_path / name
+        if not name.endswith(".tif"):
+            Image.fromarray(arr).save(full)
+        data = full.read_bytes()
+        cut = tmp_path / f"cut_{name}"
+        cut.write_bytes(data[: len(data) // 2])
+        for reader in (read_image, read_mask, lambda p: image_size(p, verify=True)):
+            with pytest.raises(ImageReadError) as info:
+                reader(cut)
+            assert info.value.kind == "truncated" and "truncated" in info.value.reason, (name, info.value)
+            assert "copy it again" in info.value.fix
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageReadError) as info:
+        image_size(tmp_path / "empty.png")
+    assert (info.value.kind, info.value.reason) == ("empty", "the file is empty (0 bytes)")
+    (tmp_path / "lfs.png").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
+    with pytest.raises(ImageReadError) as info:
+        read_image(tmp_path / "lfs.png")
+    assert info.value.kind == "not-an-image" and "git lfs pull" in info.value.fix
+    (tmp_path / "notes.png").write_text("just some words")
+    with pytest.raises(ImageReadError) as info:
+        read_mask(tmp_path / "notes.png")
+    assert info.value.reason.startswith("not an image file") and str(tmp_path) not in info.value.reason
+    error = ImageReadError(tmp_path / "x.png", "broken", "fix it", kind="corrupt")
+    again = pickle.loads(pickle.dumps(error))
+    assert (again.path, again.reason, again.fix, again.kind) == (error.path, "broken", "fix it", "corrupt")
+
+
+def test_a_folder_named_truncated_does_not_make_files_truncated(tmp_path):
+    folder = tmp_path / "truncated"
+    folder.mkdir()
+    (folder / "x.png").write_text("<html>not found</html>")
+    with pytest.raises(ImageReadError) as info:
+        image_size(folder / "x.png")
+    assert info.value.kind == "not-an-image"
+
+
+def _problem(problems, kind):
+    found = [p for p in problems if p.kind == kind]
+    assert len(found) == 1, [str(p) for p in problems]
+    return found[0]
+
+
+def test_text_table_header_below_a_title_and_missing_columns_named(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a"]})
+    table = root / "Train_Folder" / "Train_text.xlsx"
+    book = openpyxl.Workbook()
+    sheet = book.active
+    for row in (("Texts of the Train split",), (), ("Image", "Description"), ("a.png", "left lung")):
+        sheet.append(row)
+    book.save(table)
+    samples, problems = read_dataset_with_problems(root)
+    assert problems == [] and samples[0].text == "left lung"
+
+    sheet.delete_rows(1, 4)
+    for row in (("Texts of the Train split",), (), ("Image", "Text"), ("a.png", "left lung")):
+        sheet.append(row)
+    book.save(table)
+    _, problems = read_dataset_with_problems(root)
+    problem = _problem(problems, "text-table-columns")
+    # Only the missing column, the row the header really is in, and the cells as written.
+    assert problem.message == "no Description column in row 3 (found 'Image', 'Text')"
+    assert problem.fix == "rename column 'Text' in row 3 to Description"
+
+
+def test_text_table_on_no_sheet_names_every_sheet(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a"]})
+    book = openpyxl.Workbook()
+    book.active.title = "Cover"
+    book.create_sheet("Texts").append(("File", "Caption"))
+    book.create_sheet("Notes").append(("image", "notes"))
+    book.save(root / "Train_Folder" / "Train_text.xlsx")
+    _, problems = read_dataset_with_problems(root)
+    problem = _problem(problems, "text-table-columns")
+    assert problem.message == (
+        "no sheet has both an Image and a Description column: sheet 'Cover' is empty; no Image and "
+        "Description columns in row 1 of sheet 'Texts' (found 'File', 'Caption'); no Description column in "
+        "row 1 of sheet 'Notes' (found 'image', 'notes')")
+    book = openpyxl.Workbook()
+    book.create_sheet("Second")
+    book.save(root / "Train_Folder" / "Train_text.xlsx")
+    _, problems = read_dataset_with_problems(root)
+    assert _problem(problems, "text-table-columns").message == \
+        "the text table is empty (sheets 'Sheet', 'Second' are all empty)"
+
+
+def test_unreadable_text_tables_say_what_they_are(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a"], "Val": ["v"]})
+    (root / "Train_Folder" / "Train_text.xlsx").write_bytes(b"")
+    (root / "Val_Folder" / "Val_text.xlsx").write_text("Image,Description\nv.png,x\n")
+    _, problems = read_dataset_with_problems(root)
+    train, val = [p for p in problems if p.kind == "text-table-unreadable"]
+    assert train.message == "cannot read the text table: the file is empty (0 bytes)"
+    assert "CSV renamed to .xlsx" in val.message and "rename it to Val_text.csv" in val.fix
+
+    (root / "Train_Folder" / "Train_text.xlsx").rename(root / "Train_Folder" / "Train_text.xls")
+    _, problems = read_dataset_with_problems(root)
+    problem = _problem(problems, "no-text-table")
+    assert "found Train_Folder/Train_text.xls" in problem.message
+    assert problem.fix.startswith("save Train_Folder/Train_text.xls as Train_Folder/Train_text.xlsx")
+
+
+def test_a_row_that_differs_in_case_is_one_problem_and_still_pairs(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a", "b"]})
+    write_xlsx(root / "Train_Folder" / "Train_text.xlsx", [("A.PNG", "upper"), ("b.png", "fine")])
+    samples, problems = read_dataset_with_problems(root)
+    (problem,) = problems
+    assert problem.kind == "case-mismatch"
+    assert problem.message == "row 2 names 'A.PNG', but the file is 'a.png': they differ only in letter case " \
+                              "(names are case-sensitive)"
+    assert "write 'a.png' in column Image of row 2" in problem.fix and "rename the file" in problem.fix
+    assert [s.text for s in samples] == ["upper", "fine"]
+
+
+def test_a_mask_that_differs_in_case_is_one_problem_and_still_pairs(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a", "b"]})
+    labelcol = root / "Train_Folder" / "labelcol"
+    (labelcol / "a.png").rename(labelcol / "A.png")
+    samples, problems = read_dataset_with_problems(root, require_masks_in=("Train",))
+    (problem,) = problems
+    assert problem.kind == "case-mismatch" and problem.file == labelcol / "A.png"
+    assert "'A.png'" in problem.message and "'a.png'" in problem.message
+    assert samples[0].mask_path == labelcol / "A.png"
+
+
+def test_an_exact_match_is_never_taken_by_a_case_match(tmp_path):
+    # a.png and A.png are two images on a case-sensitive file system; only a.png has a mask and a row.
+    root = make_lvit(tmp_path / "ds", {"Train": ["a"]})
+    write_rgb(root / "Train_Folder" / "img" / "A.png")
+    samples, problems = read_dataset_with_problems(root)
+    by_name = {s.image_path.name: s for s in samples}
+    assert by_name["a.png"].mask_path.name == "a.png" and by_name["a.png"].text == "text of a"
+    assert by_name["A.png"].mask_path is None
+    assert [p.kind for p in problems] == ["no-row"]
+
+
+def test_manifest_paths_that_differ_in_case(tmp_path):
+    write_rgb(tmp_path / "Images" / "a.png")
+    write_binary_mask(tmp_path / "masks" / "A.png")
+    manifest = write_manifest(tmp_path / "m.csv", [("images/a.png", "masks/a.png", "x", "train")])
+    samples, problems = read_dataset_with_problems(manifest)
+    assert [p.kind for p in problems] == ["case-mismatch", "case-mismatch"]
+    assert "'images/a.png'" in problems[0].message and "'Images/a.png'" in problems[0].message
+    assert "'masks/a.png'" in problems[1].message and "'masks/A.png'" in problems[1].message
+    assert samples[0].image_path == tmp_path / "Images" / "a.png"
+    assert samples[0].mask_path == tmp_path / "masks" / "A.png"
+
+
+def test_unknown_split_names_no_internal_parameter(tmp_path):
+    with pytest.raises(ValueError) as info:
+        read_dataset_with_problems(tmp_path, require_masks_in=("Nosuch",))
+    assert str(info.value) == "unknown split 'Nosuch'; use Train, Val or Test"
+    assert check_split_names(["test", "VAL", "validation", "Val"]) == ["Test", "Val"]
+
+
+def test_misnamed_folders_get_a_rename_fix(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a"]})
+    train = root / "Train_Folder"
+    (train / "img").rename(train / "Images")
+    (train / "labelcol").rename(train / "masks")
+    _, problems = read_dataset_with_problems(root)
+    assert _problem(problems, "no-img-folder").fix == "rename Train_Folder/Images/ to Train_Folder/img/"
+    assert _problem(problems, "labelcol-misnamed").fix == "rename Train_Folder/masks/ to Train_Folder/labelcol/"
+    (tmp_path / "flat" / "Training").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"rename Training/ -> Train_Folder/"):
+        read_dataset(tmp_path / "flat")
+
+
+def test_explain_missing_split(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a"]})
+    assert explain_missing_split(root, "test") == (
+        root / "Test_Folder", "Test_Folder/ not found",
+        ("create Test_Folder/ holding img/ (the Test images), labelcol/ (their masks) and Test_text.xlsx "
+        "(their texts)"))
+    (root / "Val_Folder" / "img" / "case1").mkdir(parents=True)
+    place, reason, fix = explain_missing_split(root, "Val")
+    assert place == root / "Val_Folder" / "img"
+    assert reason == "Val_Folder/img/ holds no image files (it holds 1 folder (case1/))"
+    assert fix == "move the Val images out of the subfolders, directly into Val_Folder/img/"
+
+
+def test_a_text_table_without_its_split_folder_is_one_problem(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a"]}, text_at_root=True)
+    write_xlsx(root / "Test_text.xlsx", [("t1.png", "x"), ("t2.png", "y")])
+    _, problems = read_dataset_with_problems(root)
+    (problem,) = problems
+    assert problem.file == root / "Test_text.xlsx" and problem.kind == "table-without-split"
+    assert problem.message == "Test_text.xlsx holds the texts of the Test split, but there is no Test_Folder/"
+
+
+def test_a_split_folder_without_img_keeps_its_masks_in_view(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["a"], "Val": ["v"]})
+    shutil.rmtree(root / "Val_Folder" / "img")
+    _, problems = read_dataset_with_problems(root)
+    no_img = _problem(problems, "no-img-folder")
+    assert no_img.message == "Val_Folder has no img/ folder (it holds labelcol/)"
+    assert no_img.fix == "put the Val images in Val_Folder/img/"  # not "delete the empty Val_Folder"
+    assert _problem(problems, "mask-without-image").file == root / "Val_Folder" / "labelcol" / "v.png"
+    assert _problem(problems, "row-without-image").message == "row 2 ('v.png') matches no image in Val_Folder/img/"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,14 @@ from PIL import Image
 
 from medtextseg.data.readers import DatasetError
 from medtextseg.data.sample import Sample
-from medtextseg.data.validation import DataError, Problem, check_samples, validate_dataset
+from medtextseg.data.validation import (
+    DataError,
+    Problem,
+    check_samples,
+    check_split_names,
+    dataset_notes,
+    validate_dataset,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MONUSEG = REPO_ROOT.parent / "shared" / "data" / "MoNuSeg"
@@ -226,7 +234,7 @@ def test_check_samples_on_hand_built_samples(tmp_path):
                                              "listed twice in the Train split"]
     assert check_samples([blank], check_text=False) == []
     missing = Sample("b", tmp_path / "nope.png", None, "x", "Val")
-    assert check_samples([missing])[0].message == "unreadable image (file does not exist)"
+    assert check_samples([missing])[0].message == "unreadable image: file does not exist"
 
 
 def test_problem_and_error_format(tmp_path):
@@ -244,3 +252,189 @@ def test_real_monuseg_validates():
     assert sum(s.split == "Val" for s in samples) == 6
     assert all(s.labeled and s.text.strip() for s in samples)
     assert {s.domain for s in samples} == {"MoNuSeg"}
+
+
+# --------------------------------------------------------------------------- splits a command needs
+
+
+def test_needed_split_with_an_empty_img_folder_names_it(dataset):
+    img = dataset / "Train_Folder" / "img"
+    for image in img.iterdir():
+        image.unlink()
+    with pytest.raises(DataError) as info:
+        validate_dataset(dataset, need_splits=("Train", "Val"))
+    (problem,) = [p for p in info.value.problems if p.kind == "split-needed"]
+    assert problem.file == img
+    assert problem.message == ("the Train split is missing or has no images: Train_Folder/img/ is empty; "
+                               "this command needs it")
+    assert problem.fix == "put the Train images (PNG, JPEG, BMP or TIFF) in Train_Folder/img/"
+
+
+def test_orphans_are_reported_when_img_is_empty_or_missing(dataset):
+    img = dataset / "Train_Folder" / "img"
+    for image in img.iterdir():
+        image.unlink()
+    with pytest.raises(DataError) as info:
+        validate_dataset(dataset)
+    kinds = [p.kind for p in info.value.problems]
+    assert kinds.count("mask-without-image") == 3 and kinds.count("row-without-image") == 3
+    img.rmdir()
+    with pytest.raises(DataError) as info:
+        validate_dataset(dataset)
+    kinds = [p.kind for p in info.value.problems]
+    assert kinds.count("no-img-folder") == 1
+    assert kinds.count("mask-without-image") == 3 and kinds.count("row-without-image") == 3
+
+
+def needed_problem(root, need) -> Problem:
+    with pytest.raises(DataError) as info:
+        validate_dataset(root, need_splits=need)
+    found = [p for p in info.value.problems if p.kind == "split-needed"]
+    assert len(found) == 1, str(info.value)
+    return found[0]
+
+
+def test_needed_split_problems_name_the_folder_and_the_fix(dataset):
+    shutil.rmtree(dataset / "Test_Folder")
+    validate_dataset(dataset, need_splits=("Train", "Val"))  # Test is not needed
+    problem = needed_problem(dataset, ("train", "test"))
+    assert problem.file == dataset / "Test_Folder"
+    assert problem.message == ("the Test split is missing or has no images: Test_Folder/ not found; "
+                               "this command needs it")
+    assert "create Test_Folder/" in problem.fix
+
+    (dataset / "Val_Folder").rename(dataset / "Validation")
+    problem = needed_problem(dataset, ("Train", "Val"))
+    assert problem.file == dataset / "Validation" and problem.fix == "rename Validation/ to Val_Folder/"
+
+
+def test_needed_split_whose_img_folder_holds_no_images(dataset):
+    img = dataset / "Val_Folder" / "img"
+    (img / "v.png").unlink()
+    for name in ("v.dcm", "w.dcm"):
+        (img / name).write_bytes(b"\0" * 128 + b"DICM")
+    problem = needed_problem(dataset, ("Train", "Val"))
+    assert problem.file == img
+    assert "Val_Folder/img/ holds no image files (it holds 2 .dcm files)" in problem.message
+    assert "convert the .dcm files to PNG" in problem.fix
+    for name in ("v.dcm", "w.dcm"):
+        (img / name).unlink()
+    problem = needed_problem(dataset, ("Train", "Val"))
+    assert "Val_Folder/img/ is empty" in problem.message
+
+
+def test_needed_split_without_img_folder_is_said_once(dataset):
+    shutil.rmtree(dataset / "Val_Folder" / "img")
+    with pytest.raises(DataError) as info:
+        validate_dataset(dataset, need_splits=("Train", "Val"))
+    assert [p.kind for p in info.value.problems].count("no-img-folder") == 1
+    assert not any(p.kind == "split-needed" for p in info.value.problems)
+
+
+def test_needed_split_of_a_manifest(tmp_path):
+    write_image(tmp_path / "a.png")
+    write_mask(tmp_path / "m.png")
+    manifest = tmp_path / "data.csv"
+    manifest.write_text("image,mask,text,split\na.png,m.png,x,train\ngone.png,,y,val\n")
+    with pytest.raises(DataError) as info:
+        validate_dataset(manifest, need_splits=("Train", "Val", "Test"))
+    needed = {p.message for p in info.value.problems if p.kind == "split-needed"}
+    assert needed == {
+        ("the Val split is missing or has no images: its one row with split val names no existing image; "
+        "this command needs it"),
+        "the Test split is missing or has no images: no row of data.csv has split test; this command needs it",
+    }
+
+
+def test_unknown_split_names_say_what_to_use(dataset):
+    for options in ({"need_splits": ("Nosuch",)}, {"require_masks_in": ("Nosuch",)}):
+        with pytest.raises(ValueError) as info:
+            validate_dataset(dataset, **options)
+        assert str(info.value) == "unknown split 'Nosuch'; use Train, Val or Test"
+    with pytest.raises(ValueError, match="unknown split 'x'"):
+        check_split_names(["train", "x"])
+    assert check_split_names("validation") == ["Val"]
+
+
+# --------------------------------------------------------------------------- notes
+
+
+def test_notes_say_where_a_split_was_looked_for(dataset):
+    shutil.rmtree(dataset / "Test_Folder")
+    samples = validate_dataset(dataset, need_splits=("Train", "Val"))
+    assert dataset_notes(samples, data=dataset) == [
+        "no Test split (Test_Folder/ not found): training will select on Val and report no Test figures"]
+    assert dataset_notes(samples) == ["no Test split: training will select on Val and report no Test figures"]
+    assert dataset_notes(samples, need_splits=("Train", "Val", "Test")) == []  # a problem then, not a note
+    (dataset / "Test_Folder" / "img").mkdir(parents=True)
+    assert dataset_notes(samples, data=dataset)[0].startswith("no Test split (Test_Folder/img/ is empty): ")
+
+
+def test_notes_explain_unlabeled_train_images(dataset):
+    (dataset / "Train_Folder" / "labelcol" / "b.png").unlink()
+    (dataset / "Train_Folder" / "labelcol" / "c.png").unlink()
+    samples = validate_dataset(dataset)
+    assert dataset_notes(samples, data=dataset) == [
+        "2 Train images have no mask: supervised presets skip them; semi-supervised presets use them as unlabeled"]
+    (dataset / "Train_Folder" / "labelcol" / "a.png").unlink()
+    (note,) = dataset_notes(validate_dataset(dataset))
+    assert note.startswith("none of the 3 Train images has a mask")
+
+
+# --------------------------------------------------------------------------- class counts and messages
+
+
+def test_num_classes_one_is_binary_and_two_means_ids_0_and_1(dataset):
+    validate_dataset(dataset)  # default 1: {0, 255} masks are binary
+    validate_dataset(dataset, num_classes=1)
+    with pytest.raises(DataError) as info:
+        validate_dataset(dataset, num_classes=2)  # mask_to_labels would keep 255 as a class id
+    problem = info.value.problems[0]
+    assert problem.message.startswith("mask holds values 255 outside the class ids 0..1")
+    assert "set data.num_classes to 1" in problem.fix
+    for mask in dataset.glob("*_Folder/labelcol/*.png"):
+        write_mask(mask, values=(0, 1))
+    validate_dataset(dataset, num_classes=2)
+    validate_dataset(dataset, num_classes=1)  # {0, 1} is binary as well
+    for bad in (0, -1, True, 2.0, 257):
+        with pytest.raises(ValueError, match="num_classes"):
+            validate_dataset(dataset, num_classes=bad)
+    with pytest.raises(ValueError, match="num_classes"):
+        check_samples([], num_classes=0)
+
+
+def test_non_binary_mask_fix_fits_the_cause(dataset):
+    labelcol = dataset / "Train_Folder" / "labelcol"
+    write_mask(labelcol / "a.png", values=(0, 1, 2))  # a label map read as binary
+    problem = only_problem(dataset)
+    assert problem.kind == "mask-not-binary:ids" and "set data.num_classes to 3" in problem.fix
+    for mask in dataset.glob("*_Folder/labelcol/*.png"):
+        write_mask(mask, values=(0, 1))
+    write_mask(labelcol / "b.png", values=(0, 1, 2, 255))
+    problem = only_problem(dataset, num_classes=3)
+    assert problem.message == "mask holds values 255 outside the class ids 0..2"
+    assert "map the 255 pixels" in problem.fix and "num_classes to 256" not in problem.fix
+
+
+def test_empty_truncated_and_non_image_files_say_so(dataset):
+    img, labelcol = dataset / "Train_Folder" / "img", dataset / "Train_Folder" / "labelcol"
+    (img / "a.png").write_bytes(b"")
+    (labelcol / "b.png").write_bytes(b"")
+    noisy = np.random.default_rng(0).integers(0, 256, (*SIZE, 3), dtype=np.uint8)
+    Image.fromarray(noisy).save(img / "c.png")
+    data = (img / "c.png").read_bytes()
+    (img / "c.png").write_bytes(data[: len(data) - 30])
+    (dataset / "Val_Folder" / "img" / "v.png").write_text("<!DOCTYPE html><html><body>404</body></html>")
+    with pytest.raises(DataError) as info:
+        validate_dataset(dataset)
+    got = {(p.file.name, p.kind): (p.message, p.fix) for p in info.value.problems}
+    assert got[("a.png", "unreadable-image:empty")] == (
+        "unreadable image: the file is empty (0 bytes)",
+        "copy it again from its source or re-export it; an interrupted copy or export leaves empty files")
+    assert got[("b.png", "unreadable-mask:empty")][0] == "unreadable mask: the file is empty (0 bytes)"
+    message, fix = got[("c.png", "unreadable-image:truncated")]
+    assert message.startswith("unreadable image: the file is truncated: the PNG ends before its end marker")
+    assert "copy it again" in fix
+    message, fix = got[("v.png", "unreadable-image:not-an-image")]
+    assert "HTML" in message and fix == "download the file again"
+    assert "cannot identify" not in str(info.value)

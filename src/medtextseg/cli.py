@@ -211,7 +211,7 @@ def check_data(
         if sub:
             table.add_row(split, str(len(sub)), str(sum(s.labeled for s in sub)), str(len({s.text for s in sub})))
     console.print(table)
-    _print_notes(dataset_notes(samples))
+    _print_notes(dataset_notes(samples, data=data, need_splits=need))
 
 
 @app.command(context_settings={"allow_extra_args": True})

@@ -275,7 +275,7 @@ def train(cfg: Config, data: Path | None, out: Path, *, resume: bool = False, ov
     method_cls.check_config(cfg)
     check_trainer_options(cfg.train)
     all_samples = validate_dataset(data, num_classes=cfg.data.num_classes, need_splits=TRAIN_SPLITS)
-    for note in dataset_notes(all_samples):
+    for note in dataset_notes(all_samples, data=data, need_splits=TRAIN_SPLITS):
         log.info("%s", note)
     fingerprint = dataset_fingerprint(all_samples, data)
     if resume and run_info and run_info.get("data_fingerprint") not in (None, fingerprint):

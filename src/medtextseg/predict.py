@@ -246,7 +246,8 @@ def collect_inputs(images: Path, texts: Path | None, text: str | None) -> list[S
         try:
             image_size(p, verify=True)
         except ImageReadError as e:
-            problems.append(Problem(p, f"unreadable image ({e.reason})", "re-export it as PNG, or move it out"))
+            problems.append(Problem(p, f"unreadable image: {e.reason}", e.fix or "re-export it as PNG, or move it out",
+                                    kind=f"unreadable-image:{e.kind}"))
     if problems:
         raise DataError(problems, dataset=images)
     return [Sample(id=p.stem, image_path=p, mask_path=None, text=chosen[p], split="Test") for p in files]

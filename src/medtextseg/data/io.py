@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -32,32 +33,110 @@ class ImageReadError(Exception):
     Attributes:
         path: the file.
         reason: what went wrong, in words (no path).
+        fix: what to do about it, where the cause is known (an empty, truncated or
+            non-image file); None when only a generic "re-export it" fits.
+        kind: a short key for the cause: ``"missing"``, ``"not-a-file"``, ``"empty"``,
+            ``"truncated"``, ``"not-an-image"``, ``"unreadable"`` (permission),
+            ``"corrupt"`` (the decoder failed for another reason) or ``"layout"``
+            (decoded, but the pixels do not fit: channels, dtype, colour mask).
     """
 
-    def __init__(self, path: str | os.PathLike, reason: str):
+    def __init__(self, path: str | os.PathLike, reason: str, fix: str | None = None, kind: str = "layout"):
         self.path = Path(path)
         self.reason = reason
-        super().__init__(f"cannot read {self.path}: {reason}")
+        self.fix = fix
+        self.kind = kind
+        super().__init__(f"cannot read {self.path}: {reason}" + (f"; {fix}" if fix else ""))
 
     def __reduce__(self):
         # Default exception pickling replays ``args`` (the formatted message), which does not
-        # fit this two-argument constructor; DataLoader workers pickle exceptions.
-        return (type(self), (self.path, self.reason))
+        # fit this constructor; DataLoader workers pickle exceptions.
+        return (type(self), (self.path, self.reason, self.fix, self.kind))
 
 
 def _is_tiff(path: Path) -> bool:
     return path.suffix.lower() in _TIFF_SUFFIXES
 
 
+_COPY_AGAIN = "copy it again from its source or re-export it"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# What a file that is not an image but sits among images usually is, by its first bytes.
+_NOT_IMAGES = (
+    (lambda head: head.startswith(b"version https://git-lfs"),
+     "a Git LFS pointer, not the image itself",
+     "fetch the real files with `git lfs pull`"),
+    (lambda head: head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html", b"<?xml")),
+     "an HTML or XML page, not an image: a failed download?",
+     "download the file again"),
+    (lambda head: head[128:132] == b"DICM",
+     "a DICOM file, which medtextseg does not read",
+     "convert it to PNG (e.g. with pydicom), keeping its name"),
+    (lambda head: head[344:348] in (b"n+1\x00", b"ni1\x00") or head[:2] == b"\x1f\x8b",
+     "a NIfTI volume or gzip file, not a 2-D image",
+     "export the slices as PNG files, one image per slice"),
+)
+
+
 def _check_exists(path: Path) -> None:
-    if not path.exists():
-        raise ImageReadError(path, "file does not exist")
-    if not path.is_file():
-        raise ImageReadError(path, "not a file")
-    if path.stat().st_size == 0:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ImageReadError(path, "file does not exist", kind="missing") from None
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot access the file ({exc.strerror or exc})", kind="unreadable") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageReadError(path, "not a file", kind="not-a-file")
+    if info.st_size == 0:
         # A decoder would only say it "cannot identify" the file: say what is wrong.
-        raise ImageReadError(path, "the file is empty (0 bytes); an interrupted copy or export leaves such "
-                                   "files: copy or export it again")
+        raise ImageReadError(path, "the file is empty (0 bytes)",
+                             f"{_COPY_AGAIN}; an interrupted copy or export leaves empty files", kind="empty")
+
+
+def _diagnose(path: Path, exc: BaseException) -> ImageReadError:
+    """Turn a decoder's exception into what is actually wrong with the file.
+
+    Decoders say "cannot identify image file" or "broken PNG file" for files that
+    are cut short or are not images at all; the file's first and last bytes
+    usually tell which, and are read only once decoding has failed.
+    """
+    if isinstance(exc, ImageReadError):
+        return exc
+    if isinstance(exc, PermissionError):
+        return ImageReadError(path, "permission denied", "make the file readable (e.g. chmod a+r)",
+                              kind="unreadable")
+    try:
+        data = path.read_bytes()
+    except OSError as os_exc:
+        return ImageReadError(path, f"{type(os_exc).__name__}: {os_exc.strerror or os_exc}", kind="unreadable")
+    head = data[:1024]
+    size = f"{len(data)} bytes"
+    for test, what, fix in _NOT_IMAGES:
+        if test(head):
+            return ImageReadError(path, f"the file is {what}", fix, kind="not-an-image")
+    # Without the path: a folder named "truncated" must not make every file truncated.
+    said = str(exc).replace(str(path), "").replace(path.name, "").lower()
+    if "truncated" in said or (
+            head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR" and b"IEND" not in data) or (
+            head.startswith(_JPEG_SIGNATURE) and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")):
+        if head.startswith((_PNG_SIGNATURE, _JPEG_SIGNATURE)):
+            fmt = "PNG" if head.startswith(_PNG_SIGNATURE) else "JPEG"
+            where = f"the {fmt} ends before its end marker"
+        else:
+            fmt = "TIFF" if head.startswith(_TIFF_SIGNATURES) else "BMP" if head.startswith(b"BM") else "image"
+            where = f"the {fmt}'s pixel data ends early"
+        return ImageReadError(path, f"the file is truncated: {where}, after {size}",
+                              f"{_COPY_AGAIN}; an interrupted copy or download cuts files short",
+                              kind="truncated")
+    known = head.startswith((_PNG_SIGNATURE, _JPEG_SIGNATURE, b"BM", *_TIFF_SIGNATURES))
+    if not known and type(exc).__name__ == "UnidentifiedImageError":
+        return ImageReadError(
+            path, "not an image file: its first bytes are not those of a PNG, JPEG, BMP or TIFF",
+            "re-export it as PNG, or remove it", kind="not-an-image")
+    # PIL puts the full path in some messages; the path is shown beside the reason anyway.
+    return ImageReadError(path, f"{type(exc).__name__}: {str(exc).replace(str(path), path.name)}",
+                          kind="corrupt")
 
 
 def _read_tiff_raw(path: Path) -> np.ndarray:
@@ -113,15 +192,16 @@ def _read_raw(path: str | os.PathLike, *, for_mask: bool) -> np.ndarray:
             except ImageReadError:
                 raise
             except Exception as pil_exc:
-                raise ImageReadError(
-                    path, f"tifffile: {tiff_exc}; PIL: {pil_exc}"
-                ) from pil_exc
+                found = _diagnose(path, pil_exc)
+                if found.kind == "corrupt":
+                    found = ImageReadError(path, f"tifffile: {tiff_exc}; PIL: {pil_exc}", kind="corrupt")
+                raise found from pil_exc
     try:
         return _read_pil_raw(path, for_mask=for_mask)
     except ImageReadError:
         raise
     except Exception as exc:  # PIL raises many exception types for bad files
-        raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
+        raise _diagnose(path, exc) from exc
 
 
 def _image_to_uint8(array: np.ndarray, path: Path) -> np.ndarray:
@@ -159,7 +239,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         ``[H, W, 3] uint8``, C-contiguous.
 
     Raises:
-        ImageReadError: missing, undecodable, or not 1/2/3/4 channels.
+        ImageReadError: missing, empty, truncated, not an image, undecodable, or
+            not 1/2/3/4 channels; its ``reason``, ``fix`` and ``kind`` say which.
     """
     path = Path(path)
     array = _image_to_uint8(_read_raw(path, for_mask=False), path)
@@ -218,8 +299,8 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         for multi-class masks.
 
     Raises:
-        ImageReadError: missing, undecodable, a true colour mask, or values
-            that do not fit uint8 without rescaling.
+        ImageReadError: missing, empty, truncated, not an image, undecodable, a
+            true colour mask, or values that do not fit uint8 without rescaling.
     """
     path = Path(path)
     array = _read_raw(path, for_mask=True)
@@ -288,7 +369,8 @@ def image_size(path: str | os.PathLike, *, verify: bool = False) -> tuple[int, i
         ``(H, W)``.
 
     Raises:
-        ImageReadError: missing or unreadable header (or, with ``verify``, body).
+        ImageReadError: missing, empty, not an image, or an unreadable header
+            (or, with ``verify``, body: a truncated file is named as such).
     """
     path = Path(path)
     _check_exists(path)
@@ -298,8 +380,8 @@ def image_size(path: str | os.PathLike, *, verify: bool = False) -> tuple[int, i
             return size
     try:
         return _pil_size(path, verify)
-    except Exception as exc:
-        raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # PIL raises many exception types for bad files
+        raise _diagnose(path, exc) from exc
 
 
 def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:

@@ -18,8 +18,12 @@ __all__ = ["DataError", "Problem"]
 # Lines shown of a group of problems of one kind before "... and N more like it".
 GROUP_SHOWN = 3
 
-# What differs between two problems of one kind: quoted names, numbers and sizes.
-_VARYING = re.compile(r"'[^']*'|\"[^\"]*\"|\d+(?:x\d+)*")
+# What differs between two problems of one kind: quoted names, file names, numbers and sizes.
+# A list of numbers ("0, 7, 128 and 2 more") counts as one.
+_NUMBER = r"\d+(?:x\d+)*"
+_VARYING = re.compile(
+    rf"'[^']*'|\"[^\"]*\"|[\w.-]+\.(?:png|jpe?g|bmp|tiff?|xlsx|csv)\b|{_NUMBER}(?:(?:, | and ){_NUMBER})*",
+    re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -30,9 +34,13 @@ class Problem:
         file: the offending file (image, mask, text table or manifest).
         message: what is wrong, in words.
         fix: a concrete action that removes the problem.
-        kind: problems of one kind are grouped when shown. Default: the message
-            and fix with their quoted names and numbers blanked, so "mask is not
-            binary: values 0, 7" and "... values 0, 128" are one kind.
+        kind: a stable short key (``"mask-not-binary"``, ``"no-row"``, ...); problems
+            of one kind are grouped when shown. Readers and validation set it
+            explicitly; when left empty it is derived from the message and fix
+            with their quoted names, file names and numbers blanked, so "mask is
+            not binary: values 0, 7" and "... values 0, 128" are one kind. Not
+            part of equality: two problems with the same file, message and fix
+            are the same problem.
     """
 
     file: Path
@@ -40,17 +48,17 @@ class Problem:
     fix: str
     kind: str = field(default="", compare=False)
 
+    def __post_init__(self) -> None:
+        if not self.kind:
+            # frozen: set the derived default the way dataclasses itself would.
+            object.__setattr__(self, "kind", _derived_kind(self))
+
     def __str__(self) -> str:
         return f"{self.file}: {self.message} -> fix: {self.fix}"
 
-    @property
-    def group(self) -> str:
-        if self.kind:
-            return self.kind
-        file_name = Path(self.file).name
-        text = f"{self.message} | {self.fix}".replace(file_name, "<file>") if file_name else \
-            f"{self.message} | {self.fix}"
-        return _VARYING.sub("#", text)
+
+def _derived_kind(problem: Problem) -> str:
+    return _VARYING.sub("#", f"{problem.message} | {problem.fix}")
 
 
 class DataError(Exception):
@@ -90,7 +98,7 @@ class DataError(Exception):
         where = f" in {self.dataset}" if self.dataset is not None else ""
         groups: dict[str, list[Problem]] = {}
         for problem in self.problems:
-            groups.setdefault(problem.group, []).append(problem)
+            groups.setdefault(problem.kind, []).append(problem)
         lines = [f"{len(self.problems)} problem(s) found{where}:"]
         for members in groups.values():
             cut = len(members) > GROUP_SHOWN + 1
