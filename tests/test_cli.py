@@ -219,8 +219,15 @@ def test_report_does_not_choose_a_matplotlib_backend(unet_run, tmp_path):
 
 def _start(args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([str(EXE), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, **kw)
+    # A runner started in the background (nohup, `&`, some CI) ignores SIGINT, and an ignored
+    # signal stays ignored across exec; a handler of ours resets to the default there, so the
+    # program under test sees Ctrl-C as a terminal sends it.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([str(EXE), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env, **kw)
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 @pytest.mark.slow
