@@ -155,7 +155,9 @@ def test_rerun_with_overwrite_after_an_interrupted_run(run, pool, tmp_path, monk
     def dies_midway(path, array):
         calls.append(path)
         if len(calls) == 4:
-            Path(path).parent.joinpath(f".{Path(path).name}.dead.tmp").write_bytes(b"half")  # a killed write
+            # A killed write. Writers run in threads, so this folder may not exist yet.
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).parent.joinpath(f".{Path(path).name}.dead.tmp").write_bytes(b"half")
             raise KeyboardInterrupt
         return real(path, array)
 
