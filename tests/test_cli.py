@@ -15,34 +15,24 @@ from pathlib import Path
 
 import pytest
 from _kill import Kill, Killed
-from typer.testing import CliRunner
+from _synth import SMOKE, runner, tiny_cxr
+from _synth import cli as _cli
 
 from medtextseg.cli import INTERRUPTED_EXIT, USER_ERROR_EXIT, app
 from medtextseg.config import load_preset
-from medtextseg.data.synthetic import GENERATORS
 from medtextseg.engine import RunError, resume_config, train
 
-runner = CliRunner()
-SMOKE = ["--tier", "smoke", "--set", "data.augment=none"]
 EXE = Path(sys.executable).with_name("medtextseg")
-
-
-def _cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "cxr"
-    GENERATORS["chest-xray"](out, n=30, seed=5, size=64)
-    return out
+    return tiny_cxr(tmp_path_factory, seed=5)
 
 
 @pytest.fixture(scope="module")
 def other_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth2") / "cxr-other"
-    GENERATORS["chest-xray"](out, n=30, seed=6, size=64)
-    return out
+    return tiny_cxr(tmp_path_factory, "cxr-other", seed=6)
 
 
 @pytest.fixture(scope="module")

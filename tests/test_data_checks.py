@@ -64,25 +64,27 @@ def test_zero_byte_files_say_they_are_empty(tmp_path):
     assert not any("cannot identify" in m for m in lines)
 
 
+def _workbook(path, first: str, second: str, rows) -> None:
+    """An .xlsx whose first sheet ``first`` is empty and whose second sheet holds ``rows``."""
+    book = openpyxl.Workbook()
+    book.active.title = first
+    sheet = book.create_sheet(second)
+    for row in rows:
+        sheet.append(row)
+    book.save(path)
+
+
 def test_text_table_on_a_later_sheet_is_found(tmp_path):
     root = make_lvit(tmp_path / "ds", {"Train": ["a"], "Val": ["v"]})
-    book = openpyxl.Workbook()
-    book.active.title = "Notes"
-    data = book.create_sheet("Texts")
-    data.append(("Image", "Description"))
-    data.append(("a.png", "left lung"))
-    book.save(root / "Train_Folder" / "Train_text.xlsx")
+    _workbook(root / "Train_Folder" / "Train_text.xlsx", "Notes", "Texts",
+              [("Image", "Description"), ("a.png", "left lung")])
     samples = validate_dataset(root)
     assert [s.text for s in samples if s.split == "Train"] == ["left lung"]
 
 
 def test_text_table_without_the_columns_names_its_sheets(tmp_path):
     root = make_lvit(tmp_path / "ds", {"Train": ["a"], "Val": ["v"]})
-    book = openpyxl.Workbook()
-    book.active.title = "Empty"
-    other = book.create_sheet("Other")
-    other.append(("file", "note"))
-    book.save(root / "Train_Folder" / "Train_text.xlsx")
+    _workbook(root / "Train_Folder" / "Train_text.xlsx", "Empty", "Other", [("file", "note")])
     (problem,) = [p for p in _problems(root).problems if "Train_text" in str(p.file)]
     assert "sheet 'Empty' is empty" in problem.message and "sheet 'Other'" in problem.message
 

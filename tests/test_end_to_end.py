@@ -14,23 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _kill import Kill, Killed
+from _synth import SMOKE, runner, tiny_cxr
+from _synth import cli as _cli
 from PIL import Image
-from typer.testing import CliRunner
 
 from medtextseg.cli import USER_ERROR_EXIT, app
 from medtextseg.config import load_preset
-from medtextseg.data.synthetic import GENERATORS
 from medtextseg.engine import train
-
-runner = CliRunner()
-SMOKE = ["--tier", "smoke", "--set", "data.augment=none"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "cxr"
-    GENERATORS["chest-xray"](out, n=30, seed=3, size=64)
-    return out
+    return tiny_cxr(tmp_path_factory, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +35,6 @@ def trained(data, tmp_path_factory) -> Path:
                               "--set", "train.max_epochs=2"])
     assert res.exit_code == 0, res.output
     return run
-
-
-def _cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_check_data_ok(data):

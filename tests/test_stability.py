@@ -12,9 +12,9 @@ import lightning as L
 import pytest
 import torch
 from _kill import Kill, Killed
+from _synth import tiny_cxr
 
 from medtextseg.config import load_preset
-from medtextseg.data.synthetic import GENERATORS
 from medtextseg.engine import train
 
 BASE = ["data.augment=none", "train.patience=50"]
@@ -22,9 +22,7 @@ BASE = ["data.augment=none", "train.patience=50"]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "cxr"
-    GENERATORS["chest-xray"](out, n=30, seed=7, size=64)
-    return out
+    return tiny_cxr(tmp_path_factory, seed=7)
 
 
 class Record(L.Callback):

@@ -517,7 +517,7 @@ def evaluate(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] 
         n = len(split_rows)
         metrics[split] = {key: sum(r[key] for r in split_rows) / n for key in ("dice", "iou", "dice_orig", "iou_orig")}
         metrics[split]["n"] = n
-        metrics[split]["data"] = describe_data(samples, data, split)
+        metrics[split]["data"] = describe_data(samples, data, split, fingerprint)
         rows.extend(split_rows)
     metrics["model"] = {"preset": cfg.preset, "tier": cfg.tier, "method": cfg.method, "network": cfg.network.name,
                         "labeled_ratio": cfg.data.labeled_ratio,

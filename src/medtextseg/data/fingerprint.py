@@ -50,9 +50,12 @@ def dataset_fingerprint(samples: Sequence[Sample], data: str | os.PathLike,
     return digest.hexdigest()[:FINGERPRINT_CHARS]
 
 
-def describe_data(samples: Sequence[Sample], data: str | os.PathLike, split: str) -> dict:
+def describe_data(samples: Sequence[Sample], data: str | os.PathLike, split: str,
+                  fingerprint: str | None = None) -> dict:
     """``{"path", "fingerprint", "split", "files"}`` recorded beside a split's figures:
-    ``fingerprint`` covers the whole dataset, ``split_fingerprint`` the scored split."""
-    return {"path": str(Path(data).expanduser().absolute()), "fingerprint": dataset_fingerprint(samples, data),
+    ``fingerprint`` covers the whole dataset (pass it when already computed),
+    ``split_fingerprint`` the scored split."""
+    return {"path": str(Path(data).expanduser().absolute()),
+            "fingerprint": fingerprint or dataset_fingerprint(samples, data),
             "split": split, "split_fingerprint": dataset_fingerprint(samples, data, [split]),
             "files": sum(s.split == split for s in samples)}

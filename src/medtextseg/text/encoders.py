@@ -473,16 +473,20 @@ class FrozenTextEncoder(TextEncoder):
             raise ImportError(f"text encoder {self.spec!r} needs the transformers package") from err
         return transformers
 
-    def _load_tokenizer(self):
-        """Load the tokenizer from ``model_dir``, offline (cheap next to the model)."""
-        auto = self._transformers().AutoTokenizer
+    def _from_pretrained(self, auto_class: str, what: str):
+        """``transformers.<auto_class>.from_pretrained(model_dir)``, offline."""
+        auto = getattr(self._transformers(), auto_class)
         try:
-            tokenizer = auto.from_pretrained(str(self.model_dir), local_files_only=True)
+            return auto.from_pretrained(str(self.model_dir), local_files_only=True)
         # Any failure here means the directory is not a usable checkpoint; say which one.
         except Exception as err:
             raise ValueError(
-                f"cannot load a tokenizer from {self.model_dir} ({err}); {_EXPECTED_FILES_MSG}"
+                f"cannot load a {what} from {self.model_dir} ({err}); {_EXPECTED_FILES_MSG}"
             ) from err
+
+    def _load_tokenizer(self):
+        """Load the tokenizer from ``model_dir``, offline (cheap next to the model)."""
+        tokenizer = self._from_pretrained("AutoTokenizer", "tokenizer")
         if tokenizer.pad_token_id is None:
             raise ValueError(
                 f"the tokenizer in {self.model_dir} has no padding token; use a BERT-like model"
@@ -496,15 +500,9 @@ class FrozenTextEncoder(TextEncoder):
 
     def _load_model(self) -> tuple:
         """Load (tokenizer, model) from ``model_dir``, offline; the model frozen, float32, eval."""
-        auto = self._transformers().AutoModel
         t0 = time.perf_counter()
         tokenizer = self._ensure_tokenizer()
-        try:
-            model = auto.from_pretrained(str(self.model_dir), local_files_only=True)
-        except Exception as err:
-            raise ValueError(
-                f"cannot load a model from {self.model_dir} ({err}); {_EXPECTED_FILES_MSG}"
-            ) from err
+        model = self._from_pretrained("AutoModel", "model")
         # Checkpoints may be stored in fp16/bf16; CPU inference wants float32.
         model = model.float().eval().requires_grad_(False)
         log.info("loaded text model %s in %.1fs", self.model_dir, time.perf_counter() - t0)
