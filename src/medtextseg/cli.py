@@ -331,7 +331,7 @@ def predict(
     overwrite: Annotated[bool, typer.Option(help="Replace the masks/ and overlays/ of an earlier predict in --out. "
                                             "Deletes nothing else: an --out that holds other files is refused.")] = False,
     device: Annotated[str, typer.Option(help="auto (a GPU when there is one) | cpu | cuda | cuda:N.")] = "auto",
-    batch_size: Annotated[int | None, typer.Option(help="Images per forward pass (default: the run's eval batch size).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per forward pass (default: the run's eval batch size); windows per pass for a patch-trained run.")] = None,
 ):
     """Predict a mask (original size) and an overlay PNG for every image."""
     from medtextseg.predict import predict as run_predict

@@ -61,6 +61,10 @@ class DataConfig:
 
     ``rotate`` is the default because flips and quarter turns swap the left/right
     and upper/lower words that the clinical texts depend on.
+
+    Two resolution protocols: by default every image is resized to ``img_size``²
+    (the papers'); with ``patches`` the images keep ``scale`` × their own size and the
+    network sees ``img_size``² crops in training and a sliding window at inference.
     """
 
     img_size: int = 224
@@ -72,6 +76,16 @@ class DataConfig:
     augment: str = "rotate"
     rotate_degrees: float = 20.0
     threshold: float = 0.5
+    # Patch protocol (data/module.py, inference.py): train on img_size² random crops of
+    # images kept at ``scale`` × their original size (1.0 = native resolution),
+    # ``patches_per_image`` crops per image per epoch, and predict whole images with a
+    # sliding img_size² window (``window_overlap``, ``window_blend``). Off: the papers'
+    # protocol, every image resized to img_size².
+    patches: bool = False
+    scale: float = 1.0
+    patches_per_image: int = 4
+    window_overlap: float = 0.25
+    window_blend: str = "gaussian"
     # Semi-supervised splits (data/splits.py): keep the masks of this fraction of the
     # labeled Train images, or of the ids listed in ``labeled_ids`` (a file).
     labeled_ratio: float = 1.0

@@ -40,7 +40,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from medtextseg.config import Config, ConfigError, read_config, save_config
 from medtextseg.data.fingerprint import dataset_fingerprint, dataset_root, describe_data
 from medtextseg.data.io import read_mask
-from medtextseg.data.module import SegDataModule, make_dataset, make_loader, mask_to_labels
+from medtextseg.data.module import (
+    SegDataModule,
+    eval_batch_size,
+    make_dataset,
+    make_loader,
+    mask_to_labels,
+)
 from medtextseg.data.sample import Sample
 from medtextseg.data.splits import SPLIT_FILE, LabeledSplit, apply_split, make_split
 from medtextseg.data.validation import check_split_names, dataset_notes, validate_dataset
@@ -441,8 +447,14 @@ def load_run(run_or_ckpt: Path, device: str | torch.device = "cpu") -> tuple[Seg
 def predict_logits(method: SegMethod, loader, on_batch: Callable[[dict, torch.Tensor], None]) -> None:
     device = method.device
     for batch in loader:
-        logits = method(batch["image"].to(device), batch["text"].to(device)).float().cpu()
+        logits = method.infer(batch["image"].to(device), batch["text"].to(device)).float().cpu()
         on_batch(batch, logits)
+
+
+def protocol(cfg: Config) -> str:
+    """How a run sees its images: ``resize <S>²`` (the papers') or ``patches <S>² at <scale>×``."""
+    d = cfg.data
+    return f"patches {d.img_size}² at {d.scale:g}×" if d.patches else f"resize {d.img_size}²"
 
 
 def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -460,9 +472,11 @@ def evaluate(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] 
              encoder=None) -> dict:
     """Score the run's best checkpoint on ``splits`` of ``data``.
 
-    Dice/IoU per image (threshold ``data.threshold``) at the network's input size
-    (the papers' protocol) and at the mask's original size (``*_orig``: logits
-    upsampled bilinearly before thresholding), averaged over images. Every split's
+    Dice/IoU per image (threshold ``data.threshold``) at the working resolution
+    (the network's input size under the papers' resize protocol; ``data.scale`` × the
+    image's size under the patch protocol, predicted by a sliding window) and at the
+    mask's original size (``*_orig``: logits upsampled bilinearly before
+    thresholding), averaged over images. Every split's
     entry records the data it was computed on (:func:`describe_data`: path,
     fingerprint of the file list, split).
 
@@ -513,7 +527,7 @@ def evaluate(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] 
                 split_rows.append({"split": split, "id": s.id, "dice": float(dice[j]), "iou": float(iou[j]),
                                    "dice_orig": float(d_o[0]), "iou_orig": float(i_o[0]), "text": s.text})
 
-        predict_logits(method, make_loader(ds, cfg.data.eval_batch_size, shuffle=False), score)
+        predict_logits(method, make_loader(ds, eval_batch_size(cfg.data), shuffle=False), score)
         n = len(split_rows)
         metrics[split] = {key: sum(r[key] for r in split_rows) / n for key in ("dice", "iou", "dice_orig", "iou_orig")}
         metrics[split]["n"] = n
@@ -523,7 +537,7 @@ def evaluate(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] 
                         "labeled_ratio": cfg.data.labeled_ratio,
                         "use_text": cfg.network.use_text, "text_encoder": cfg.text.encoder,
                         "seed": cfg.train.seed, "threshold": cfg.data.threshold,
-                        "img_size": cfg.data.img_size,
+                        "img_size": cfg.data.img_size, "protocol": protocol(cfg),
                         "parameters": method.num_predictor_parameters()}
     if target != run:
         metrics["run"] = str(run.resolve())

@@ -47,7 +47,7 @@ from medtextseg.data.io import (
     read_image,
     write_png_atomic,
 )
-from medtextseg.data.module import make_dataset, make_loader
+from medtextseg.data.module import eval_batch_size, make_dataset, make_loader
 from medtextseg.data.problems import DataError, Problem
 from medtextseg.data.sample import Sample
 from medtextseg.engine import (
@@ -326,7 +326,8 @@ def predict(run_or_ckpt: Path, images: Path, out: Path, *, texts: Path | None = 
         text: one description for every image (instead of ``texts``).
         overwrite: replace the outputs of an earlier predict in ``out``.
         device: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
-        batch_size: images per forward pass (default: the run's ``data.eval_batch_size``).
+        batch_size: images per forward pass (default: the run's ``data.eval_batch_size``); under the
+            patch protocol, windows per forward pass (images go one at a time).
 
     Returns:
         The mask paths written, one per input image, in input (name) order.
@@ -347,7 +348,11 @@ def predict(run_or_ckpt: Path, images: Path, out: Path, *, texts: Path | None = 
     samples = collect_inputs(images, Path(texts) if texts is not None else None, text)
 
     method, cfg, encoder, _ = load_run(run_or_ckpt, device=dev)
-    loader = make_loader(make_dataset(samples, encoder, cfg.data), batch_size or cfg.data.eval_batch_size,
+    if cfg.data.patches and batch_size is not None:
+        # Whole images go one at a time under the patch protocol; the batch is of windows.
+        method.cfg.data.eval_batch_size = batch_size
+    loader = make_loader(make_dataset(samples, encoder, cfg.data),
+                         eval_batch_size(cfg.data) if cfg.data.patches else batch_size or cfg.data.eval_batch_size,
                          shuffle=False)
     clear_out(out)
     written: list[Path | None] = [None] * len(samples)

@@ -2,13 +2,19 @@
 
 Images are decoded and resized once (``setup``) and kept as uint8 in memory:
 the datasets of the papers are small (24 to 7,145 training images), and decoding
-a 1000x1000 PNG on every step would dominate a CPU epoch. Text features are
+a 1000x1000 PNG on every step would dominate a CPU epoch. Two resolution
+protocols (:class:`medtextseg.config.DataConfig`): every image resized to
+``img_size``² (the papers'), or with ``data.patches`` each image kept at
+``data.scale`` × its own size, trained on random ``img_size``² crops
+(``patches_per_image`` per image per epoch) and predicted whole by a sliding
+window (:mod:`medtextseg.inference`). Text features are
 computed once per unique description by the text encoder and gathered per
 sample by index, so training never pays for text encoding.
 
 A batch is a dict:
 
-- ``image``: ``[B, C, H, W]`` float32 in [0, 1]
+- ``image``: ``[B, C, H, W]`` float32 in [0, 1]; H = W = ``img_size`` except for
+  whole images under the patch protocol (evaluation batches of one image)
 - ``mask``: ``[B, 1, H, W]`` int64 labels ({0, 1} binary, class ids otherwise); only
   when every sample of the dataset has one
 - ``text``: ``[B, L]`` int64 token ids (learned encoder) or ``[B, L, D]`` float32
@@ -37,12 +43,48 @@ from medtextseg.data.sample import Sample
 AUGMENTATIONS = ("none", "rotate", "lvit")
 
 
-def resize_image(image: np.ndarray, size: int, in_channels: int) -> np.ndarray:
-    """``[H, W, 3]`` uint8 -> ``[C, size, size]`` uint8, bilinear (LViT's resize)."""
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def working_size(height: int, width: int, cfg: DataConfig) -> tuple[int, int]:
+    """(h, w) an image of ``height`` × ``width`` pixels is kept at: ``img_size``² by
+    default, ``scale`` × its own size under the patch protocol (at least 1 pixel)."""
+    if not cfg.patches:
+        return cfg.img_size, cfg.img_size
+    return max(1, round(height * cfg.scale)), max(1, round(width * cfg.scale))
+
+
+def check_patch_options(cfg: DataConfig) -> None:
+    """``ValueError`` naming the option for patch settings that cannot work."""
+    from medtextseg.inference import BLEND_MODES
+
+    if not cfg.patches:
+        return
+    if not cfg.scale > 0:
+        raise ValueError(f"data.scale={cfg.scale}: give a positive factor (1.0 = native resolution, 0.5 = half)")
+    if cfg.patches_per_image < 1:
+        raise ValueError(f"data.patches_per_image={cfg.patches_per_image}: give at least 1")
+    if not 0 <= cfg.window_overlap < 1:
+        raise ValueError(f"data.window_overlap={cfg.window_overlap}: give a fraction in [0, 1)")
+    if cfg.window_blend not in BLEND_MODES:
+        raise ValueError(f"data.window_blend must be one of {BLEND_MODES}, got {cfg.window_blend!r}")
+
+
+def eval_batch_size(cfg: DataConfig) -> int:
+    """Images per evaluation batch: whole images under the patch protocol may differ in
+    size, so they go one at a time (the sliding window batches their windows)."""
+    return 1 if cfg.patches else cfg.eval_batch_size
+
+
+def resize_image(image: np.ndarray, size: int | tuple[int, int], in_channels: int) -> np.ndarray:
+    """``[H, W, 3]`` uint8 -> ``[C, h, w]`` uint8 (``size`` = s for s × s, or (h, w)),
+    bilinear (LViT's resize)."""
     pil = Image.fromarray(image)
     if in_channels == 1:
         pil = pil.convert("L")
-    arr = np.asarray(pil.resize((size, size), Image.BILINEAR))
+    h, w = _hw(size)
+    arr = np.asarray(pil if (pil.height, pil.width) == (h, w) else pil.resize((w, h), Image.BILINEAR))
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()
 
 
@@ -51,13 +93,18 @@ def mask_to_labels(mask: np.ndarray, num_classes: int) -> np.ndarray:
     return (mask > 0).astype(np.uint8) if num_classes == 1 else mask.astype(np.uint8)
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """``[H, W]`` labels -> ``[1, size, size]`` labels, nearest (keeps class ids)."""
-    return np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))[None].copy()
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """``[H, W]`` labels -> ``[1, h, w]`` labels, nearest (keeps class ids)."""
+    h, w = _hw(size)
+    if mask.shape == (h, w):
+        return mask[None].copy()
+    return np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))[None].copy()
 
 
 def build_augmentation(cfg: DataConfig, map_keys: Sequence[str] = ()) -> mt.Compose | None:
-    """Spatial augmentation applied identically to the image, its mask and ``map_keys``.
+    """Training transform applied identically to the image, its mask and ``map_keys``:
+    under the patch protocol first a random ``img_size``² crop (zero-padded where the
+    image is smaller), then the spatial augmentation.
 
     ``lvit``: the official recipe (p = 0.5 random quarter turn + flip, otherwise
     p = 0.5 rotation within ±``rotate_degrees``). ``rotate``: only the rotation,
@@ -68,19 +115,24 @@ def build_augmentation(cfg: DataConfig, map_keys: Sequence[str] = ()) -> mt.Comp
     """
     if cfg.augment not in AUGMENTATIONS:
         raise ValueError(f"data.augment must be one of {AUGMENTATIONS}, got {cfg.augment!r}")
-    if cfg.augment == "none":
-        return None
     keys = ["image", "mask", *map_keys]
+    crop = []
+    if cfg.patches:
+        roi = (cfg.img_size, cfg.img_size)
+        crop = [mt.SpatialPadd(keys, roi, allow_missing_keys=True),
+                mt.RandSpatialCropd(keys, roi, random_size=False, allow_missing_keys=True)]
+    if cfg.augment == "none":
+        return mt.Compose(crop) if crop else None
     modes = ("bilinear", "nearest", *("bilinear" for _ in map_keys))
     radians = float(np.deg2rad(cfg.rotate_degrees))
     # Unlabeled images have no "mask": the same transform must skip it, not fail.
     rotate = mt.RandRotated(keys, range_x=radians, prob=0.5, mode=modes, padding_mode="zeros",
                             allow_missing_keys=True)
     if cfg.augment == "rotate":
-        return mt.Compose([rotate])
+        return mt.Compose([*crop, rotate])
     turn_flip = mt.Compose([mt.RandRotate90d(keys, prob=1.0, spatial_axes=(0, 1), allow_missing_keys=True),
                             mt.RandFlipd(keys, prob=1.0, spatial_axis=1, allow_missing_keys=True)])
-    return mt.Compose([mt.OneOf([turn_flip, rotate])])
+    return mt.Compose([*crop, mt.OneOf([turn_flip, rotate])])
 
 
 class SegDataset(Dataset):
@@ -88,11 +140,15 @@ class SegDataset(Dataset):
 
     Args:
         samples: the records of this split.
-        images: ``[N, C, S, S]`` uint8.
-        masks: ``[N, 1, S, S]`` uint8 labels, or None (no sample has a mask).
+        images: ``[N, C, S, S]`` uint8, or (patch protocol, sizes that differ) a list
+            of N ``[C, H_i, W_i]`` arrays.
+        masks: ``[N, 1, S, S]`` uint8 labels (or a list, like ``images``), or None (no
+            sample has a mask).
         text_features: ``[U, L]`` int64 or ``[U, L, D]`` float, one row per unique text.
         text_index: ``[N]`` row of ``text_features`` for each sample.
         transform: MONAI dict transform over ``image``/``mask`` (+ the map keys), or None.
+        repeats: items per image per epoch (``patches_per_image`` for patch training:
+            each item is another random crop); ``len`` is ``N · repeats``.
 
     Attributes:
         targets: optional ``targets(i) -> {key: FloatTensor [C, S, S]}``, maps in the
@@ -103,8 +159,10 @@ class SegDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], images: np.ndarray, masks: np.ndarray | None,
-                 text_features: torch.Tensor, text_index: np.ndarray, transform: mt.Compose | None = None):
+                 text_features: torch.Tensor, text_index: np.ndarray, transform: mt.Compose | None = None,
+                 repeats: int = 1):
         self.samples = list(samples)
+        self.repeats = repeats
         self.images = images
         self.masks = masks
         self.text_features = text_features
@@ -118,9 +176,10 @@ class SegDataset(Dataset):
         return SegDataset(self.samples, self.images, self.masks, self.text_features, self.text_index.numpy())
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.samples) * self.repeats
 
     def __getitem__(self, i: int) -> dict:
+        i %= len(self.samples)
         item = {"image": torch.from_numpy(self.images[i]).float().div_(255.0)}
         if self.masks is not None:
             item["mask"] = torch.from_numpy(self.masks[i]).float()
@@ -155,19 +214,25 @@ def _seed_worker_transform(worker_id: int) -> None:
 
 
 def load_arrays(samples: Sequence[Sample], cfg: DataConfig, with_masks: bool, threads: int = 4):
-    """Decode and resize every sample once. Returns (images [N,C,S,S], masks [N,1,S,S] | None)."""
+    """Decode and resize every sample once, to :func:`working_size`. Returns (images
+    [N,C,h,w], masks [N,1,h,w] | None), or lists of arrays where the sizes differ."""
     def one(s: Sample):
-        img = resize_image(read_image(s.image_path), cfg.img_size, cfg.in_channels)
-        msk = resize_mask(mask_to_labels(read_mask(s.mask_path), cfg.num_classes), cfg.img_size) if with_masks else None
+        raw = read_image(s.image_path)
+        size = working_size(*raw.shape[:2], cfg)
+        img = resize_image(raw, size, cfg.in_channels)
+        msk = resize_mask(mask_to_labels(read_mask(s.mask_path), cfg.num_classes), size) if with_masks else None
         return img, msk
 
     with ThreadPoolExecutor(threads) as pool:
         pairs = list(pool.map(one, samples))
     if not pairs:
         return np.zeros((0, cfg.in_channels, cfg.img_size, cfg.img_size), np.uint8), None
-    images = np.stack([p[0] for p in pairs])
-    masks = np.stack([p[1] for p in pairs]) if with_masks else None
-    return images, masks
+    same = len({p[0].shape for p in pairs}) == 1
+
+    def join(arrays: list[np.ndarray]):
+        return np.stack(arrays) if same else arrays
+
+    return join([p[0] for p in pairs]), join([p[1] for p in pairs]) if with_masks else None
 
 
 def make_dataset(samples: Sequence[Sample], encoder, cfg: DataConfig, *, train: bool = False,
@@ -184,7 +249,9 @@ def make_dataset(samples: Sequence[Sample], encoder, cfg: DataConfig, *, train: 
     transform = build_augmentation(cfg, map_keys) if train else None
     if transform is not None:
         transform.set_random_state(seed=seed)
-    return SegDataset(samples, images, masks, features, np.array([row[s.text] for s in samples]), transform)
+    repeats = cfg.patches_per_image if train and cfg.patches else 1
+    return SegDataset(samples, images, masks, features, np.array([row[s.text] for s in samples]), transform,
+                      repeats)
 
 
 def make_loader(dataset: SegDataset, batch_size: int, *, shuffle: bool, num_workers: int = 0,
@@ -265,10 +332,10 @@ class SegDataModule(L.LightningDataModule):
         return CombinedLoader({"labeled": labeled, "unlabeled": unlabeled}, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:
-        return make_loader(self.datasets["Val"], self.cfg.eval_batch_size, shuffle=False,
+        return make_loader(self.datasets["Val"], eval_batch_size(self.cfg), shuffle=False,
                            num_workers=self.cfg.num_workers)
 
     def plain_loader(self, name: str) -> DataLoader:
         """Loader over a dataset without augmentation, in order (pseudo-label refresh)."""
-        return make_loader(self.datasets[name].plain(), self.cfg.eval_batch_size, shuffle=False,
+        return make_loader(self.datasets[name].plain(), eval_batch_size(self.cfg), shuffle=False,
                            num_workers=self.cfg.num_workers)

@@ -10,6 +10,8 @@ import lightning as L
 import torch
 
 from medtextseg.config import Config
+from medtextseg.data.module import check_patch_options
+from medtextseg.inference import sliding_window_logits
 from medtextseg.losses import DiceCE
 from medtextseg.metrics import binarize, dice_iou_per_image
 from medtextseg.nets import build_network
@@ -35,6 +37,9 @@ class SegMethod(L.LightningModule):
     """
 
     unlabeled_keys: tuple[str, ...] | None = None
+    # Whether the method can train on patches (``data.patches``): a method that keeps
+    # per-image maps at ``data.img_size`` (LViT's EPI bank) cannot.
+    supports_patches: bool = True
 
     def __init__(self, config: dict, text_state: dict | None = None, text_dim: int = 256):
         super().__init__()
@@ -57,6 +62,10 @@ class SegMethod(L.LightningModule):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Raise ``ValueError`` for a config this method cannot train (called before anything is written)."""
+        check_patch_options(cfg.data)
+        if cfg.data.patches and not cls.supports_patches:
+            raise ValueError(f"{cls.__name__} keeps per-image maps at data.img_size and cannot train on patches; "
+                             "set data.patches=false")
 
     @classmethod
     def needs_text(cls, cfg: Config) -> bool:
@@ -71,10 +80,26 @@ class SegMethod(L.LightningModule):
         return sum(p.numel() for m in modules for p in m.parameters())
 
     def forward(self, images: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """``images [B, C, S, S]`` at the network's input size -> logits ``[B, K, S, S]``."""
+        tokens = self.text_embedder(text) if self.use_text else None
+        return self._net_forward(images, tokens)
+
+    def _net_forward(self, images: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        tokens = self.text_embedder(text) if self.use_text else None
         return self.net(images, tokens)
+
+    def infer(self, images: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of whole images ``[B, C, H, W]`` -> ``[B, K, H, W]``: one forward pass
+        (resize protocol, H = W = ``data.img_size``), or with ``data.patches`` a sliding
+        ``img_size``² window (:func:`medtextseg.inference.sliding_window_logits`), the
+        text embedded once per image. Validation, evaluation and prediction use this."""
+        d = self.cfg.data
+        if not d.patches:
+            return self(images, text)
+        tokens = self.text_embedder(text) if self.use_text else None
+        return sliding_window_logits(self._net_forward, images, tokens, d.img_size, sw_batch_size=d.eval_batch_size,
+                                     overlap=d.window_overlap, mode=d.window_blend)
 
     def check_finite(self, loss: torch.Tensor) -> torch.Tensor:
         if not torch.isfinite(loss):
@@ -91,7 +116,7 @@ class SegMethod(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(batch["image"], batch["text"])
+        logits = self.infer(batch["image"], batch["text"])
         loss = self.sup_loss(logits, batch["mask"])
         dice, iou = dice_iou_per_image(binarize(logits, self.cfg.data.threshold), batch["mask"], self.cfg.data.num_classes)
         n = len(dice)
@@ -157,6 +182,7 @@ class SemiSupervised(SegMethod):
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
         if cfg.data.num_classes != 1:
             raise ValueError(f"{cls.__name__} supports binary segmentation (data.num_classes=1), "
                              f"got {cfg.data.num_classes} classes")

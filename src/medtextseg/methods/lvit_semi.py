@@ -212,6 +212,7 @@ class LViTSemi(SemiSupervised):
     """
 
     unlabeled_keys = ("pseudo", "contrast")
+    supports_patches = False
 
     @classmethod
     def needs_text(cls, cfg) -> bool:
