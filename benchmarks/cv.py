@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5, help="folds")
     ap.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (not of training)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (train.seed)")
+    ap.add_argument("--folds", nargs="+", type=int, default=None,
+                    help="train only these folds (default: all); the table says how many folds each row has")
     ap.add_argument("--tier", default="cpu")
     ap.add_argument("--set", dest="overrides", nargs="*", default=[], help="key=value overrides for every run")
     ap.add_argument("--test", choices=["test", "none"], default="test",
@@ -66,6 +68,8 @@ def main() -> None:
     results: dict[str, dict[tuple[int, int], dict]] = {}
     for model in args.models:
         for i, manifest in enumerate(manifests):
+            if args.folds is not None and i not in args.folds:
+                continue
             for seed in args.seeds:
                 run = args.runs_dir / model / f"fold{i}-s{seed}"
                 if args.collect and not (run / "metrics.json").is_file():
