@@ -36,7 +36,7 @@ from medtextseg.methods.lvit_semi import (
     contrastive_labels,
     match_by_text,
 )
-from medtextseg.methods.mean_teacher import ema_decay, ema_update
+from medtextseg.methods.mean_teacher import MeanTeacher, ema_decay, ema_update
 from medtextseg.text import build_text_encoder
 
 SHARED_TEMPLATES = Path(__file__).resolve().parents[2] / "shared" / "data" / "qata_lv_templates"
@@ -339,6 +339,32 @@ def test_mean_teacher_teacher_is_the_ema_of_the_student(data, tmp_path):
         if v.is_floating_point():
             torch.testing.assert_close(v, alpha * t0[k] + (1 - alpha) * s1[k])
     assert any(not torch.equal(t0[k], t1[k]) for k in t0 if t0[k].is_floating_point())
+
+
+def test_mean_teacher_step_through_hooks_is_the_papers_loss():
+    """The hook-based step (views, pseudo target, unsupervised loss) computes exactly
+    L_sup + w · MSE(σ(student(noisy x)), σ(teacher(noisy' x))), with the noise drawn in
+    the original order (student first), so Mean Teacher's runs are unchanged."""
+    cfg = load_preset("mean-teacher", "smoke", ["semi.warmup_epochs=0", "semi.rampup_epochs=0", "semi.unsup_weight=0.7"])
+    torch.manual_seed(0)
+    mt = MeanTeacher(cfg.to_dict())
+    mt.teacher.load_state_dict({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+                                for k, v in mt.net.state_dict().items()})
+    size = cfg.data.img_size
+    text = torch.zeros(2, cfg.text.max_len, dtype=torch.long)
+    lab = {"image": torch.rand(2, 3, size, size), "mask": (torch.rand(2, 1, size, size) > 0.5).long(), "text": text}
+    unl = {"image": torch.rand(2, 3, size, size), "text": text}
+    torch.manual_seed(1)
+    loss = mt.training_step({"labeled": lab, "unlabeled": unl}, 0)
+
+    torch.manual_seed(1)
+    std = cfg.semi.noise_std
+    noise = lambda x: x + (torch.randn_like(x) * std).clamp(-2 * std, 2 * std)
+    logits = mt(torch.cat([lab["image"], noise(unl["image"])]), torch.cat([text, text]))
+    with torch.no_grad():
+        target = torch.sigmoid(mt.teacher(noise(unl["image"]), None))
+    expected = mt.sup_loss(logits[:2], lab["mask"]) + 0.7 * torch.nn.functional.mse_loss(torch.sigmoid(logits[2:]), target)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
 
 
 def test_same_split_for_every_method(data, tmp_path):

@@ -48,7 +48,20 @@ def ema_decay(step: int, decay: float) -> float:
 class MeanTeacher(SemiSupervised):
     """Mean Teacher over any network (the preset uses U-Net, as the papers do).
 
-    Batch: ``{"labeled": {image, mask, text}, "unlabeled": {image, text}}``.
+    Batch: ``{"labeled": {image, mask, text}, "unlabeled": {image, text, ...}}``.
+
+    The mean-teacher family (DuSSS, TextMoE, PromptSSL) subclasses this and overrides
+    hooks instead of the training step:
+
+    - :meth:`student_view` / :meth:`teacher_view`: the unlabeled images each network
+      sees (here: each its own Gaussian noise);
+    - :meth:`pseudo_target`: what the teacher's logits become as the target (here: its
+      foreground probabilities);
+    - :meth:`unsup_loss`: the unlabeled term and its logged parts (here: L_cons, the
+      mean squared difference of probabilities).
+
+    The student view is drawn before the teacher view, so the random streams (and a
+    run's metrics at a given seed) are those of the original single-function step.
     """
 
     unlabeled_keys = ()
@@ -68,22 +81,42 @@ class MeanTeacher(SemiSupervised):
         std = self.cfg.semi.noise_std
         return images + (torch.randn_like(images) * std).clamp(-2 * std, 2 * std)
 
+    # -- hooks ---------------------------------------------------------------------------
+    def student_view(self, unl: dict) -> torch.Tensor:
+        """``[B_u, C, H, W]`` unlabeled images as the student sees them."""
+        return self.noisy(unl["image"])
+
+    def teacher_view(self, unl: dict) -> torch.Tensor:
+        """``[B_u, C, H, W]`` unlabeled images as the teacher sees them."""
+        return self.noisy(unl["image"])
+
+    def pseudo_target(self, teacher_logits: torch.Tensor, unl: dict) -> torch.Tensor:
+        """Teacher logits ``[B_u, 1, H, W]`` -> the target of the unlabeled term (no grad)."""
+        return torch.sigmoid(teacher_logits.float())
+
+    def unsup_loss(self, student_logits: torch.Tensor, target: torch.Tensor,
+                   unl: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(L_unsup, named parts to log) from the student's logits ``[B_u, 1, H, W]``."""
+        l_cons = F.mse_loss(torch.sigmoid(student_logits.float()), target)
+        return l_cons, {"train/consistency": l_cons}
+
+    # -- the step --------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """L = L_sup + w · L_unsup, one student forward over labeled + unlabeled images."""
         lab, unl = batch["labeled"], batch.get("unlabeled")
         w = self.unsup_weight(batch_idx)
         if unl is None:
             return self.supervised_step(lab)
         n_l = len(lab["image"])
-        images, texts = self.join(lab, unl)
-        logits = self(torch.cat([images[:n_l], self.noisy(images[n_l:])]), texts)
+        logits = self(torch.cat([lab["image"], self.student_view(unl)]), torch.cat([lab["text"], unl["text"]]))
         l_sup = self.sup_loss(logits[:n_l], lab["mask"])
         with torch.no_grad():
             tokens = self.text_embedder(unl["text"]) if self.use_text else None
-            teacher_probs = torch.sigmoid(self.teacher(self.noisy(unl["image"]), tokens).float())
-        l_cons = F.mse_loss(torch.sigmoid(logits[n_l:].float()), teacher_probs)
-        loss = self.check_finite(l_sup + w * l_cons)
+            target = self.pseudo_target(self.teacher(self.teacher_view(unl), tokens), unl)
+        l_unsup, parts = self.unsup_loss(logits[n_l:], target, unl)
+        loss = self.check_finite(l_sup + w * l_unsup)
         self.log("train/loss", loss, batch_size=len(logits), prog_bar=True)
-        self.log_dict({"train/sup": l_sup, "train/consistency": l_cons, "train/w": w}, batch_size=len(logits))
+        self.log_dict({"train/sup": l_sup, **parts, "train/w": w}, batch_size=len(logits))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
