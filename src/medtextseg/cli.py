@@ -19,7 +19,7 @@ from rich.table import Table
 
 app = typer.Typer(
     help="Text-guided, semi-supervised medical image segmentation: synthesise or check data, "
-         "train, evaluate, predict and report.",
+         "pre-train a vision-language model, train, evaluate, predict and report.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 console = Console()
@@ -214,6 +214,38 @@ def check_data(
     _print_notes(dataset_notes(samples, data=data, need_splits=need))
 
 
+def _run_config(ctx: typer.Context, preset: str | None, data: Path | None, out: Path | None, tier: str,
+                labeled_ratio: float | None, labeled_ids: Path | None, set_: list[str] | None, resume: bool,
+                trainer: dict):
+    """The config and run directory of ``train`` / ``pretrain``: the saved config with
+    ``--set`` and the trainer options on ``--resume``, else the preset at its tier."""
+    from medtextseg.config import load_preset
+    from medtextseg.engine import resume_config
+
+    overrides = _overrides(set_, ctx.args)
+    overrides += [f"train.{key}={value}" for key, value in trainer.items() if value is not None]
+    if labeled_ratio is not None:
+        overrides.append(f"data.labeled_ratio={labeled_ratio}")
+    if labeled_ids is not None:
+        overrides.append(f"data.labeled_ids={labeled_ids}")
+    if resume:
+        if out is None:
+            raise ValueError("--resume needs --out, the run directory to continue")
+        cfg = resume_config(out, overrides)
+        if preset is not None and preset != cfg.preset:
+            raise ValueError(f"{out} was trained with preset {cfg.preset!r}, not {preset!r}; drop --preset")
+        return cfg, out
+    if preset is None:
+        raise ValueError("--preset is required (see `medtextseg models`)")
+    if data is None:
+        raise ValueError("--data is required: a dataset folder (LViT layout) or a CSV manifest")
+    cfg = load_preset(preset, tier, overrides)
+    if out is None:
+        ratio = f"-r{cfg.data.labeled_ratio:g}" if cfg.data.labeled_ratio < 1 or cfg.data.labeled_ids else ""
+        out = Path("runs") / f"{preset}-{tier}{ratio}-s{cfg.train.seed}"
+    return cfg, out
+
+
 @app.command(context_settings={"allow_extra_args": True})
 @friendly
 def train(
@@ -239,40 +271,77 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Random seed (default: the preset's).")] = None,
 ):
     """Train a preset on a dataset; then evaluate the best checkpoint on Val and Test."""
-    from medtextseg.config import load_preset
-    from medtextseg.engine import resume_config
     from medtextseg.engine import train as run_train
     from medtextseg.utils import keep_freed_memory
 
-    overrides = _overrides(set_, ctx.args)
-    for key, value in (("devices", devices), ("accelerator", accelerator), ("strategy", strategy),
-                       ("num_nodes", num_nodes), ("precision", precision), ("seed", seed)):
-        if value is not None:
-            overrides.append(f"train.{key}={value}")
-    if labeled_ratio is not None:
-        overrides.append(f"data.labeled_ratio={labeled_ratio}")
-    if labeled_ids is not None:
-        overrides.append(f"data.labeled_ids={labeled_ids}")
-    if resume:
-        if out is None:
-            raise ValueError("--resume needs --out, the run directory to continue")
-        cfg = resume_config(out, overrides)
-        if preset is not None and preset != cfg.preset:
-            raise ValueError(f"{out} was trained with preset {cfg.preset!r}, not {preset!r}; drop --preset")
-    else:
-        if preset is None:
-            raise ValueError("--preset is required (see `medtextseg models`)")
-        if data is None:
-            raise ValueError("--data is required: a dataset folder (LViT layout) or a CSV manifest")
-        cfg = load_preset(preset, tier, overrides)
-        if out is None:
-            ratio = f"-r{cfg.data.labeled_ratio:g}" if cfg.data.labeled_ratio < 1 or cfg.data.labeled_ids else ""
-            out = Path("runs") / f"{preset}-{tier}{ratio}-s{cfg.train.seed}"
+    cfg, out = _run_config(ctx, preset, data, out, tier, labeled_ratio, labeled_ids, set_, resume,
+                           {"devices": devices, "accelerator": accelerator, "strategy": strategy,
+                            "num_nodes": num_nodes, "precision": precision, "seed": seed})
+    if cfg.pretrain:
+        raise ValueError(f"preset {cfg.preset!r} pre-trains a vision-language model: run `medtextseg pretrain "
+                         f"--preset {cfg.preset} --data DIR --out DIR` instead of `train`")
     # CPU training re-faults its activations every step unless glibc keeps freed memory.
     keep_freed_memory()
     metrics = run_train(cfg, data, out, resume=resume, overwrite=overwrite)
     if metrics:
         _print_metrics(metrics, f"{out}")
+
+
+@app.command(context_settings={"allow_extra_args": True})
+@friendly
+def pretrain(
+    ctx: typer.Context,
+    preset: Annotated[str | None, typer.Option(help="Pre-training preset (e.g. dusss-vlm); not needed with --resume.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset folder (LViT layout) or CSV manifest; masks are optional "
+                                              "(with --resume: default the run's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory to create (default: runs/<preset>-<tier>-s<seed>).")] = None,
+    tier: Annotated[str, typer.Option(help="smoke (seconds) | cpu (minutes on 2 cores) | paper (the paper's setting).")] = "cpu",
+    labeled_ratio: Annotated[float | None, typer.Option(help="Masks the VLM may learn from (vlm.mask_supervision): those "
+                                                        "of this fraction of the Train images, the split the "
+                                                        "segmentation runs of the same seed use.")] = None,
+    labeled_ids: Annotated[Path | None, typer.Option(help="Or the masks of these Train ids only (a split.json or one id per line).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override config keys: --set vlm.imc=false optim.lr=1e-4 "
+                                                   "(several pairs after one flag, or the flag repeated).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint (only "
+                                         "devices and train.max_epochs may change).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    devices: Annotated[str | None, typer.Option(help="Lightning devices: a count (1, 2), ids (0,1), -1 for all, or auto.")] = None,
+    accelerator: Annotated[str | None, typer.Option(help="cpu | gpu | auto.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp.")] = None,
+    num_nodes: Annotated[int | None, typer.Option(help="Number of nodes for DDP.")] = None,
+    precision: Annotated[str | None, typer.Option(help="32-true | bf16-mixed | 16-mixed.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: the preset's).")] = None,
+):
+    """Pre-train a vision-language model on image+text pairs; then score retrieval and the text mask on Val and Test."""
+    from medtextseg.engine import pretrain as run_pretrain
+    from medtextseg.utils import keep_freed_memory
+
+    cfg, out = _run_config(ctx, preset, data, out, tier, labeled_ratio, labeled_ids, set_, resume,
+                           {"devices": devices, "accelerator": accelerator, "strategy": strategy,
+                            "num_nodes": num_nodes, "precision": precision, "seed": seed})
+    if not cfg.pretrain:
+        raise ValueError(f"preset {cfg.preset!r} trains a segmentation method, not a vision-language model: run "
+                         f"`medtextseg train --preset {cfg.preset}` instead of `pretrain`")
+    keep_freed_memory()
+    metrics = run_pretrain(cfg, data, out, resume=resume, overwrite=overwrite)
+    if metrics:
+        _print_retrieval(metrics, f"{out}")
+
+
+def _print_retrieval(metrics: dict, title: str) -> None:
+    table = Table(title=title)
+    for col in ("split", "images", "texts", "I→T R@1 %", "I→T R@5 %", "T→I R@1 %", "T→I R@5 %",
+                "text-mask Dice %", "data"):
+        table.add_column(col, justify="right")
+    for split, m in metrics.items():
+        if not isinstance(m, dict) or "i2t_r1" not in m:
+            continue
+        d = m.get("data") or {}
+        where = f"{Path(d['path']).name} ({d['fingerprint'][:8]})" if d else "—"
+        dice = f"{100 * m['text_dice']:.2f} ({m['n_masks']})" if "text_dice" in m else "—"
+        table.add_row(split, str(m["n"]), str(m["n_texts"]),
+                      *(f"{100 * m[k]:.2f}" for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")), dice, where)
+    console.print(table)
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
@@ -299,7 +368,8 @@ def evaluate(
                                              "own files for the run's data, else <run>/evaluations/<data>-<fp>/).")] = None,
     device: Annotated[str, typer.Option(help="auto (a GPU when there is one) | cpu | cuda | cuda:N.")] = "auto",
 ):
-    """Score a trained run on a split: Dice/IoU per image at network and original resolution."""
+    """Score a trained run on a split: Dice/IoU per image at network and original resolution
+    (a pre-trained VLM run: retrieval R@1/R@5 both ways and text-mask Dice)."""
     import json
 
     from medtextseg.data.validation import check_split_names
@@ -314,7 +384,11 @@ def evaluate(
             raise ValueError(f"{run_dir} has no {RUN_FILE}; pass --data")
         data = Path(json.loads(info.read_text())["data"])
     metrics = run_eval(run, data, splits=splits, out=out, device=device)
-    _print_metrics({k: v for k, v in metrics.items() if k in splits}, f"{run}")
+    shown = {k: v for k, v in metrics.items() if k in splits}
+    if any(isinstance(v, dict) and "i2t_r1" in v for v in shown.values()):
+        _print_retrieval(shown, f"{run}")
+    else:
+        _print_metrics(shown, f"{run}")
 
 
 @app.command()
@@ -376,6 +450,13 @@ def models(
         table.add_column(col)
     for name in preset_names():
         cfg = load_preset(name, tier)
+        if cfg.pretrain:
+            from medtextseg.pretrain import pretrain_class
+
+            module = pretrain_class(cfg.pretrain)(cfg.to_dict())
+            table.add_row(name, f"pretrain: {cfg.pretrain}", f"vlm ({cfg.vlm.image_encoder})", cfg.vlm.text_encoder,
+                          f"{cfg.data.img_size}²", f"{count_parameters(module) / 1e6:.2f}", "—")
+            continue
         text_dim = build_text_encoder(cfg.text.encoder, max_len=cfg.text.max_len, dim=cfg.text.dim).dim
         net = build_network(cfg.network.name, in_channels=cfg.data.in_channels, num_classes=cfg.data.num_classes,
                             base_width=cfg.network.base_width, img_size=cfg.data.img_size, text_dim=text_dim,

@@ -10,6 +10,13 @@ A preset is ``presets/<name>.yaml``::
       cpu:   {...}
       paper: {...}
 
+A pre-training preset (a vision-language model, no masks needed) names its
+module in the pre-training registry instead of a segmentation method::
+
+    pretrain: dusss         # medtextseg.pretrain.PRETRAINERS; trained by `medtextseg pretrain`
+    method: none
+    vlm: {...}
+
 Resolution order: dataclass defaults < base preset < preset < tier < ``--set``.
 The resolved config is written to ``<run>/config.yaml`` and is the only thing a
 resumed run, ``evaluate`` or ``predict`` reads back.
@@ -155,6 +162,64 @@ class SemiConfig:
 
 
 @dataclass
+class VLMConfig:
+    """The DuSSS vision-language model and its pre-training (``pretrain: dusss``).
+
+    Network (:class:`medtextseg.nets.vlm.DualEncoderVLM`): image encoder ``vit``
+    (random init, shaped by ``patch_size``/``hidden_size``/``depth``/``heads``/
+    ``mlp_ratio``) or ``hf:<dir>``; its input size is ``data.img_size`` and its
+    channels ``data.in_channels``. Text encoder ``minilm`` (the packaged
+    all-MiniLM-L6-v2, fine-tuned), ``hf:<dir>`` or ``learned`` (sized by the
+    ``text_*`` keys); texts are cut to ``max_len`` tokens. ``embed_dim`` is the
+    joint space (512 in the paper), ``decoder_channels`` the two widths of the
+    grounding decoder, ``temperature`` the initial learnable tau (0.07).
+
+    Losses (see :mod:`medtextseg.pretrain.dusss`): L = L_cmc (Eq. 6-8)
+    + ``imc_weight`` L_imc (Eq. 9, when ``imc``) + ``tg_weight`` L_tg (Eq. 11, when
+    ``tg_loss``) + ``mask_weight`` L_mask (Dice+CE of the text mask on the labeled
+    Train masks, when ``mask_supervision``). ``sss`` puts the SSS weights (Eq. 1-5,
+    constants ``sss_a``, ``sss_b``, ``sss_lam``) on every contrastive term from epoch
+    ``sss_warmup_epochs`` on (plain InfoNCE before: SSS from a random start collapses).
+
+    Second view (IMC): ``text_variants`` fact-preserving rewrites per distinct text,
+    made once at setup (clause reorder, then a clause dropped with probability
+    ``text_p_drop``); the image view is a random resized crop of at least
+    ``aug_crop_min`` of each side, a rotation within ±``aug_rotate_degrees``, and
+    intensity jitter (never a flip: the texts state left and right).
+    """
+
+    image_encoder: str = "vit"
+    patch_size: int = 16
+    hidden_size: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: int = 4
+    text_encoder: str = "minilm"
+    text_hidden: int = 256
+    text_depth: int = 2
+    text_heads: int = 4
+    max_len: int = 24
+    embed_dim: int = 512
+    decoder_channels: list = field(default_factory=lambda: [256, 128])
+    temperature: float = 0.07
+    sss: bool = True
+    sss_a: float = 1 / 200
+    sss_b: float = 4.0
+    sss_lam: float = 1 / 5
+    sss_warmup_epochs: int = 0
+    imc: bool = True
+    tg_loss: bool = True
+    mask_supervision: bool = True
+    imc_weight: float = 1.0
+    tg_weight: float = 1.0
+    mask_weight: float = 1.0
+    text_variants: int = 4
+    text_p_drop: float = 0.5
+    aug_crop_min: float = 0.8
+    aug_rotate_degrees: float = 10.0
+
+
+@dataclass
 class TrainConfig:
     """Loop, devices and stopping; all handed to Lightning."""
 
@@ -183,12 +248,15 @@ class Config:
     preset: str = "lvit-t"
     tier: str = "cpu"
     method: str = "supervised"
+    # A pre-training module (medtextseg.pretrain.PRETRAINERS) or "" for a segmentation run.
+    pretrain: str = ""
     network: NetworkConfig = field(default_factory=NetworkConfig)
     text: TextConfig = field(default_factory=TextConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     semi: SemiConfig = field(default_factory=SemiConfig)
+    vlm: VLMConfig = field(default_factory=VLMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:

@@ -13,6 +13,12 @@ A run directory holds::
     evaluations/       <dataset>-<fp8>/{metrics.json, per_image.csv}: figures on other data
     per_image.csv      split, id, dice, iou, dice_orig, iou_orig, text
 
+A pre-training run (``medtextseg pretrain``, :func:`pretrain`) has the same layout; its
+``run.json`` says ``kind: "vlm"`` (with the module, data fingerprint, the model's text
+encoder spec and input size), ``best.ckpt`` is selected on Val retrieval (``val/r1``),
+and ``metrics.json`` holds per split the retrieval recalls both ways and the text
+mask's Dice where masks exist (:func:`evaluate_pretrained`); there is no per_image.csv.
+
 Lightning owns the loop, devices (``--devices``/``--strategy`` DDP), precision,
 checkpointing, early stopping and logging; this module only wires them.
 """
@@ -231,77 +237,80 @@ def _has_checkpoint(out: Path) -> bool:
     return any((out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else False
 
 
-def train(cfg: Config, data: Path | None, out: Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, extra_callbacks: list | None = None) -> dict:
-    """Validate the data, train, then evaluate the best checkpoint on Val (and Test).
+def _resume_state(cfg: Config, data: Path | None, out: Path,
+                  evaluate_finished: Callable[[Path, Path], dict]) -> tuple[Path | None, dict | None, dict | None]:
+    """The checks and messages of ``--resume`` that every kind of run shares.
 
-    Nothing is written before the data and every option have passed validation;
-    a run that stops (error, Ctrl-C, SIGTERM) before its first checkpoint is
-    removed, so the same command can simply be run again. ``resume``: ``cfg``
-    may differ from the saved config in :data:`RESUMABLE_KEYS` only (see
-    :func:`resume_config`); ``data`` defaults to the run's. A finished run is
-    left unchanged (its recorded metrics are returned) unless ``train.max_epochs``
-    was raised past the epochs it ran.
-
-    Returns the metrics dict written to ``metrics.json`` (empty on DDP ranks > 0).
+    Returns ``(data, run_info, metrics)``: ``data`` defaults to the run's; ``metrics``
+    is not None when the run is already complete (its recorded figures, or those
+    ``evaluate_finished(out, data)`` computes for a run that finished but was never
+    evaluated), and then nothing else is to be done.
     """
-    out = Path(out)
-    run_info = None
-    if resume:
-        if not (out / CONFIG_FILE).is_file():
-            raise RunError(f"cannot resume: {out} has no {CONFIG_FILE}; start it without --resume")
-        saved = read_config(out / CONFIG_FILE)
-        changed = _check_resume_changes(saved, cfg, out)
-        run_info = _read_run_info(out)
-        if data is None:
-            if not run_info:
-                raise RunError(f"{out}/{RUN_FILE} is missing; pass --data to resume")
-            data = Path(run_info["data"])
-        done = (run_info or {}).get("finished")
-        if done:
-            raised = done["reason"] == "max_epochs" and cfg.train.max_epochs > done["epochs"]
-            if not raised:
-                how = (f"early stopping at epoch {done['epochs']} (no Val improvement in {saved.train.patience} epochs)"
-                       if done["reason"] == "early_stopping" else f"its {done['epochs']} epochs (train.max_epochs)")
-                if (out / METRICS_FILE).is_file():
-                    log.info("%s is complete: it stopped after %s; nothing was changed%s", out, how,
-                             "" if done["reason"] == "early_stopping" else
-                             ". Raise train.max_epochs (--set train.max_epochs=N) to train it further")
-                    return json.loads((out / METRICS_FILE).read_text())
-                log.info("%s finished training (%s) but was never evaluated: evaluating it", out, how)
-                return _evaluate_finished(out, Path(data))
-            log.info("%s: train.max_epochs raised from %d to %d: continuing training",
-                     out, done["epochs"], cfg.train.max_epochs)
-        for key, (a, b) in changed.items():
-            log.info("%s: %s changed from %r to %r for the resumed attempt", out, key, a, b)
+    if not (out / CONFIG_FILE).is_file():
+        raise RunError(f"cannot resume: {out} has no {CONFIG_FILE}; start it without --resume")
+    saved = read_config(out / CONFIG_FILE)
+    changed = _check_resume_changes(saved, cfg, out)
+    run_info = _read_run_info(out)
     if data is None:
-        raise RunError("no dataset given; pass --data")
-    data = Path(data)
-    method_cls = method_class(cfg.method)
-    method_cls.check_config(cfg)
-    check_trainer_options(cfg.train)
-    all_samples = validate_dataset(data, num_classes=cfg.data.num_classes, need_splits=TRAIN_SPLITS)
+        if not run_info:
+            raise RunError(f"{out}/{RUN_FILE} is missing; pass --data to resume")
+        data = Path(run_info["data"])
+    done = (run_info or {}).get("finished")
+    if done:
+        raised = done["reason"] == "max_epochs" and cfg.train.max_epochs > done["epochs"]
+        if not raised:
+            how = (f"early stopping at epoch {done['epochs']} (no Val improvement in {saved.train.patience} epochs)"
+                   if done["reason"] == "early_stopping" else f"its {done['epochs']} epochs (train.max_epochs)")
+            if (out / METRICS_FILE).is_file():
+                log.info("%s is complete: it stopped after %s; nothing was changed%s", out, how,
+                         "" if done["reason"] == "early_stopping" else
+                         ". Raise train.max_epochs (--set train.max_epochs=N) to train it further")
+                return data, run_info, json.loads((out / METRICS_FILE).read_text())
+            log.info("%s finished training (%s) but was never evaluated: evaluating it", out, how)
+            return data, run_info, evaluate_finished(out, Path(data))
+        log.info("%s: train.max_epochs raised from %d to %d: continuing training",
+                 out, done["epochs"], cfg.train.max_epochs)
+    for key, (a, b) in changed.items():
+        log.info("%s: %s changed from %r to %r for the resumed attempt", out, key, a, b)
+    return data, run_info, None
+
+
+def _checked_data(cfg: Config, data: Path, out: Path, *, resume: bool, run_info: dict | None,
+                  require_masks_in: tuple[str, ...] = ("Val", "Test")) -> tuple[list[Sample], str]:
+    """Validate the training data (Train and Val needed) and, on resume, check it is the
+    run's. Returns ``(samples, fingerprint)``."""
+    all_samples = validate_dataset(data, num_classes=cfg.data.num_classes, need_splits=TRAIN_SPLITS,
+                                   require_masks_in=require_masks_in)
     for note in dataset_notes(all_samples, data=data, need_splits=TRAIN_SPLITS):
         log.info("%s", note)
     fingerprint = dataset_fingerprint(all_samples, data)
     if resume and run_info and run_info.get("data_fingerprint") not in (None, fingerprint):
         raise RunError(f"cannot resume {out} on {data}: its files differ from the data the run started on "
                        f"({run_info.get('data')}, fingerprint {run_info['data_fingerprint']} != {fingerprint})")
+    return all_samples, fingerprint
+
+
+def _labeled_split(cfg: Config, out: Path, all_samples: list[Sample], *,
+                   resume: bool) -> tuple[LabeledSplit | None, list[Sample]]:
+    """The run's labeled / unlabeled split (the saved one on resume) and the samples after it."""
     split_file = out / SPLIT_FILE
     if resume and split_file.is_file():
         split = LabeledSplit.load(split_file)
     else:
         split = make_split(all_samples, cfg.data.labeled_ratio, cfg.data.labeled_ids, cfg.train.seed)
-    samples = apply_split(all_samples, split)
-    if not any(s.split == "Train" and s.labeled for s in samples):
-        raise RunError(f"{data} has no labeled Train images to train on")
+    return split, apply_split(all_samples, split)
+
+
+def _run_callbacks(cfg: Config, out: Path, monitor: str, extra: list | None) -> tuple[list, EarlyStopping]:
+    """best.ckpt on ``monitor`` (higher is better), last.ckpt every epoch, early stopping,
+    the optional weight average, then ``extra``."""
     ckpt_dir = out / "checkpoints"
     # Saved at train-epoch end, i.e. after validation and after the method's
     # on_train_epoch_end (where EPI refreshes its bank), so a checkpoint holds the
     # state the next epoch starts from.
-    early = EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.train.patience, check_finite=True)
+    early = EarlyStopping(monitor=monitor, mode="max", patience=cfg.train.patience, check_finite=True)
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename=BEST, monitor=MONITOR, mode="max", save_top_k=1,
+        ModelCheckpoint(dirpath=ckpt_dir, filename=BEST, monitor=monitor, mode="max", save_top_k=1,
                         enable_version_counter=False, save_on_train_epoch_end=True),
         # Lightning's save_last only writes when the best checkpoint improved; a resumable
         # run needs the latest epoch every epoch, so an unmonitored checkpoint keeps it.
@@ -309,16 +318,20 @@ def train(cfg: Config, data: Path | None, out: Path, *, resume: bool = False, ov
                         enable_version_counter=False, save_on_train_epoch_end=True),
         early,
         *weight_averaging(cfg),
-        *(extra_callbacks or []),
+        *(extra or []),
     ]
-    trainer = _build_trainer(cfg, out, callbacks, progress)
+    return callbacks, early
+
+
+def _in_run_dir(out: Path, *, resume: bool, overwrite: bool, body: Callable[[bool], dict]) -> dict:
+    """Create (or reuse, on resume) the run directory, then ``body(child)``; a new run that
+    stops before its first checkpoint is removed, so the same command can be run again."""
     child = _is_launcher_child()
     if not child:
         prepare_run_dir(out, resume=resume, overwrite=overwrite)
     created = not resume
     try:
-        metrics = _fit(cfg, data, out, trainer, early, samples, all_samples, split, fingerprint, method_cls,
-                       resume=resume, run_info=run_info, child=child)
+        return body(child)
     except BaseException as e:
         if created and not child and not _has_checkpoint(out):
             # Nothing worth keeping: a retry of the same command must not be refused.
@@ -327,38 +340,32 @@ def train(cfg: Config, data: Path | None, out: Path, *, resume: bool = False, ov
                 raise RunInterrupted(f"training of {out} was interrupted before its first checkpoint; "
                                      "nothing was kept: run the same command again") from None
         raise
-    return metrics
 
 
-def _fit(cfg, data, out, trainer, early, samples, all_samples, split, fingerprint, method_cls, *, resume, run_info,
-         child) -> dict:
-    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    spec = (run_info or {}).get("text_spec") or (text_spec(cfg) if not run_info else cfg.text.encoder)
-    encoder = build_encoder(cfg, samples, state=run_info["text_state"] if run_info else None, spec=spec)
-    # Every text once, up front: frozen encoders fill their cache in one pass and a text
-    # that loses words is reported in one warning for the whole dataset, not once per split.
-    encoder.features(sorted({s.text for s in all_samples}))
-    if not child:
-        if resume:
-            save_config(cfg, out / CONFIG_FILE)  # records a raised budget or new devices
-            if run_info is not None and "finished" in run_info:
-                run_info = {k: v for k, v in run_info.items() if k != "finished"}
-                atomic_write_json(out / RUN_FILE, run_info)
-        else:
-            save_config(cfg, out / CONFIG_FILE)
-        if run_info is None:
-            run_info = {"data": str(data.resolve()), "data_fingerprint": fingerprint, "text_spec": spec,
-                        "text_state": encoder.state(), "text_dim": encoder.dim}
-            atomic_write_json(out / RUN_FILE, run_info)
-        if split is not None and not (out / SPLIT_FILE).is_file():
-            split.save(out / SPLIT_FILE)
-    dm = SegDataModule(samples, encoder, cfg.data, seed=cfg.train.seed, unlabeled_keys=method_cls.unlabeled_keys,
-                       withheld=all_samples)
-    method = method_cls(cfg.to_dict(), text_state=encoder.state(), text_dim=encoder.dim)
+def _start_run_files(cfg: Config, out: Path, *, resume: bool, run_info: dict | None,
+                     new_info: Callable[[], dict], split: LabeledSplit | None) -> dict | None:
+    """config.yaml (a resume records a raised budget or new devices), run.json (a resumed
+    run drops its ``finished`` mark; a new one gets ``new_info()``) and split.json."""
+    save_config(cfg, out / CONFIG_FILE)
+    if resume and run_info is not None and "finished" in run_info:
+        run_info = {k: v for k, v in run_info.items() if k != "finished"}
+        atomic_write_json(out / RUN_FILE, run_info)
+    if run_info is None:
+        run_info = new_info()
+        atomic_write_json(out / RUN_FILE, run_info)
+    if split is not None and not (out / SPLIT_FILE).is_file():
+        split.save(out / SPLIT_FILE)
+    return run_info
+
+
+def _fit_and_finish(trainer: L.Trainer, module: L.LightningModule, dm: L.LightningDataModule, out: Path,
+                    early: EarlyStopping, *, resume: bool) -> bool:
+    """``trainer.fit`` from last.ckpt on resume; Ctrl-C / SIGTERM become :class:`RunInterrupted`.
+    Records ``finished`` in run.json; returns whether this is rank 0 (which then evaluates)."""
     last = out / "checkpoints" / f"{LAST}.ckpt"
     sigint = signal.getsignal(signal.SIGINT)
     try:
-        trainer.fit(method, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() else None)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() else None)
     except SystemExit:
         # Lightning turns Ctrl-C (and our SIGTERM) into a graceful shutdown and sys.exit(1).
         if trainer.state.status == TrainerStatus.INTERRUPTED:
@@ -371,12 +378,201 @@ def _fit(cfg, data, out, trainer, early, samples, all_samples, split, fingerprin
         # A half-trained model must not be evaluated as if it were finished.
         raise RunInterrupted(f"training of {out} was interrupted; continue it with --resume")
     if not trainer.is_global_zero:
-        return {}
+        return False
     reason = "early_stopping" if early.stopped_epoch > 0 else "max_epochs"
-    run_info = {**_read_run_info(out), "finished": {"epochs": trainer.current_epoch, "reason": reason}}
-    atomic_write_json(out / RUN_FILE, run_info)
+    atomic_write_json(out / RUN_FILE, {**_read_run_info(out), "finished": {"epochs": trainer.current_epoch,
+                                                                          "reason": reason}})
+    return True
+
+
+def _refuse_pretrain_preset(cfg: Config) -> None:
+    if cfg.pretrain:
+        raise RunError(f"preset {cfg.preset!r} pre-trains a vision-language model ({cfg.pretrain}); run "
+                       f"`medtextseg pretrain --preset {cfg.preset} --data DIR --out DIR` instead of `train`")
+
+
+def train(cfg: Config, data: Path | None, out: Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, extra_callbacks: list | None = None) -> dict:
+    """Validate the data, train, then evaluate the best checkpoint on Val (and Test).
+
+    Nothing is written before the data and every option have passed validation;
+    a run that stops (error, Ctrl-C, SIGTERM) before its first checkpoint is
+    removed, so the same command can simply be run again. ``resume``: ``cfg``
+    may differ from the saved config in :data:`RESUMABLE_KEYS` only (see
+    :func:`resume_config`); ``data`` defaults to the run's. A finished run is
+    left unchanged (its recorded metrics are returned) unless ``train.max_epochs``
+    was raised past the epochs it ran. A pre-training preset (``pretrain:`` set)
+    is refused: :func:`pretrain` trains it.
+
+    Returns the metrics dict written to ``metrics.json`` (empty on DDP ranks > 0).
+    """
+    out = Path(out)
+    _refuse_pretrain_preset(cfg)
+    run_info = None
+    if resume:
+        data, run_info, finished = _resume_state(cfg, data, out, _evaluate_finished)
+        if finished is not None:
+            return finished
+    if data is None:
+        raise RunError("no dataset given; pass --data")
+    data = Path(data)
+    method_cls = method_class(cfg.method)
+    method_cls.check_config(cfg)
+    check_trainer_options(cfg.train)
+    all_samples, fingerprint = _checked_data(cfg, data, out, resume=resume, run_info=run_info)
+    split, samples = _labeled_split(cfg, out, all_samples, resume=resume)
+    if not any(s.split == "Train" and s.labeled for s in samples):
+        raise RunError(f"{data} has no labeled Train images to train on")
+    callbacks, early = _run_callbacks(cfg, out, MONITOR, extra_callbacks)
+    trainer = _build_trainer(cfg, out, callbacks, progress)
+    return _in_run_dir(out, resume=resume, overwrite=overwrite, body=lambda child: _fit(
+        cfg, data, out, trainer, early, samples, all_samples, split, fingerprint, method_cls,
+        resume=resume, run_info=run_info, child=child))
+
+
+def _fit(cfg, data, out, trainer, early, samples, all_samples, split, fingerprint, method_cls, *, resume, run_info,
+         child) -> dict:
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    spec = (run_info or {}).get("text_spec") or (text_spec(cfg) if not run_info else cfg.text.encoder)
+    encoder = build_encoder(cfg, samples, state=run_info["text_state"] if run_info else None, spec=spec)
+    # Every text once, up front: frozen encoders fill their cache in one pass and a text
+    # that loses words is reported in one warning for the whole dataset, not once per split.
+    encoder.features(sorted({s.text for s in all_samples}))
+    if not child:
+        _start_run_files(cfg, out, resume=resume, run_info=run_info, split=split, new_info=lambda: {
+            "data": str(data.resolve()), "data_fingerprint": fingerprint, "text_spec": spec,
+            "text_state": encoder.state(), "text_dim": encoder.dim})
+    dm = SegDataModule(samples, encoder, cfg.data, seed=cfg.train.seed, unlabeled_keys=method_cls.unlabeled_keys,
+                       withheld=all_samples)
+    method = method_cls(cfg.to_dict(), text_state=encoder.state(), text_dim=encoder.dim)
+    if not _fit_and_finish(trainer, method, dm, out, early, resume=resume):
+        return {}
     splits = [s for s in ("Val", "Test") if any(x.split == s for x in samples)]
     return evaluate(out, data, splits=splits, samples=all_samples, encoder=encoder)
+
+
+def pretrain(cfg: Config, data: Path | None, out: Path, *, resume: bool = False, overwrite: bool = False,
+             progress: bool = True, extra_callbacks: list | None = None) -> dict:
+    """Pre-train a vision-language model (``cfg.pretrain``, DESIGN §2), then evaluate its best
+    checkpoint on Val (and Test): retrieval both ways and text-mask Dice.
+
+    The same run directory, Trainer, checkpoints, resume rules, seeds, logs and
+    interrupt handling as :func:`train`; ``best.ckpt`` is selected on the module's
+    ``monitor`` (``val/r1`` for DuSSS). It trains on every Train image with its text;
+    masks are read only where the module asks for them (DuSSS ``vlm.mask_supervision``),
+    and then only those of the labeled set of ``data.labeled_ratio`` /
+    ``data.labeled_ids`` (the segmentation runs' split, written to ``split.json``).
+    ``run.json`` records ``kind: "vlm"``, the module, the data and its fingerprint,
+    and the model's text encoder spec and input size.
+
+    Returns the metrics dict written to ``metrics.json`` (empty on DDP ranks > 0).
+    """
+    from medtextseg.pretrain import pretrain_class
+
+    out = Path(out)
+    if not cfg.pretrain:
+        raise RunError(f"preset {cfg.preset!r} trains a segmentation method ({cfg.method}), not a "
+                       f"vision-language model; run `medtextseg train --preset {cfg.preset}` instead of `pretrain`")
+    run_info = None
+    if resume:
+        data, run_info, finished = _resume_state(cfg, data, out, _evaluate_pretrained_finished)
+        if finished is not None:
+            return finished
+    if data is None:
+        raise RunError("no dataset given; pass --data")
+    data = Path(data)
+    module_cls = pretrain_class(cfg.pretrain)
+    module_cls.check_config(cfg)
+    check_trainer_options(cfg.train)
+    # Masks are optional everywhere: Val / Test figures score the text mask where there is one.
+    all_samples, fingerprint = _checked_data(cfg, data, out, resume=resume, run_info=run_info, require_masks_in=())
+    split, samples = _labeled_split(cfg, out, all_samples, resume=resume)
+    callbacks, early = _run_callbacks(cfg, out, module_cls.monitor, extra_callbacks)
+    trainer = _build_trainer(cfg, out, callbacks, progress)
+    # Built before the run directory exists, so an unusable model option writes nothing.
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    module = module_cls(cfg.to_dict())
+    n_masks = sum(s.split == "Train" and s.labeled for s in samples)
+
+    def body(child: bool) -> dict:
+        if not child:
+            _start_run_files(cfg, out, resume=resume, run_info=run_info, split=split, new_info=lambda: {
+                "kind": module_cls.kind, "pretrain": cfg.pretrain, "data": str(data.resolve()),
+                "data_fingerprint": fingerprint, **module.run_info(), "train_masks": n_masks})
+        dm = module.datamodule(samples, seed=cfg.train.seed)
+        if not _fit_and_finish(trainer, module, dm, out, early, resume=resume):
+            return {}
+        splits = [s for s in ("Val", "Test") if any(x.split == s for x in samples)]
+        return evaluate_pretrained(out, data, splits=splits, samples=all_samples)
+
+    return _in_run_dir(out, resume=resume, overwrite=overwrite, body=body)
+
+
+def _evaluate_pretrained_finished(out: Path, data: Path) -> dict:
+    all_samples = validate_dataset(data, num_classes=read_config(out / CONFIG_FILE).data.num_classes,
+                                   need_splits=TRAIN_SPLITS, require_masks_in=())
+    splits = [s for s in ("Val", "Test") if any(x.split == s for x in all_samples)]
+    return evaluate_pretrained(out, data, splits=splits, samples=all_samples)
+
+
+def is_pretrain_run(run_or_ckpt: Path) -> bool:
+    """Whether a run directory (or a checkpoint in one) holds a pre-trained VLM (``kind: vlm``)."""
+    _, run = resolve_checkpoint(run_or_ckpt)
+    return (_read_run_info(run) or {}).get("kind") == "vlm"
+
+
+def evaluate_pretrained(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] = ("Test",),
+                        samples: list[Sample] | None = None, *, out: Path | None = None,
+                        device: str = "auto") -> dict:
+    """Score a pre-trained VLM's best checkpoint on ``splits`` of ``data``.
+
+    Per split (the module's ``evaluate_split``; DuSSS: :mod:`medtextseg.pretrain.retrieval`):
+    R@1 / R@5 image -> text among the split's distinct texts and text -> image,
+    scored by text, with their chance levels, and the text mask's Dice / IoU on
+    the images that have a mask. The figures go where :func:`evaluate` puts them:
+    the run's ``metrics.json`` for the run's own data, else ``out`` or
+    :func:`evaluation_dir`.
+    """
+    from medtextseg.pretrain import pretrain_class
+
+    ckpt, run = resolve_checkpoint(run_or_ckpt)
+    if not (run / CONFIG_FILE).is_file():
+        raise RunError(f"{run} lacks {CONFIG_FILE}; is it a medtextseg run directory?")
+    cfg = read_config(run / CONFIG_FILE)
+    info = _read_run_info(run) or {}
+    dev = resolve_device(device)
+    module = pretrain_class(cfg.pretrain).load_from_checkpoint(ckpt, map_location=dev, weights_only=False)
+    module.to(dev).eval()
+    splits = check_split_names(splits)
+    if samples is None:
+        samples = validate_dataset(data, num_classes=cfg.data.num_classes, require_masks_in=(),
+                                   need_splits=tuple(splits))
+    fingerprint = dataset_fingerprint(samples, data)
+    target, metrics = _figures_target(run, data, fingerprint, info, out)
+    for split in splits:
+        subset = [s for s in samples if s.split == split]
+        if not subset:
+            raise RunError(f"{data} has no {split} split; available: "
+                           f"{', '.join(sorted({s.split for s in samples}))}")
+        figures = module.evaluate_split(subset)
+        figures["n"] = len(subset)
+        figures["data"] = describe_data(samples, data, split, fingerprint)
+        metrics[split] = figures
+    v = cfg.vlm
+    metrics["model"] = {"preset": cfg.preset, "tier": cfg.tier, "pretrain": cfg.pretrain, "kind": module.kind,
+                        "image_encoder": v.image_encoder, "text_encoder": v.text_encoder,
+                        "img_size": cfg.data.img_size, "embed_dim": v.embed_dim, "sss": v.sss,
+                        "sss_warmup_epochs": v.sss_warmup_epochs, "imc": v.imc,
+                        "tg_loss": v.tg_loss, "mask_supervision": v.mask_supervision,
+                        "labeled_ratio": cfg.data.labeled_ratio, "seed": cfg.train.seed,
+                        "threshold": cfg.data.threshold,
+                        "parameters": sum(p.numel() for p in module.parameters())}
+    if target != run:
+        metrics["run"] = str(run.resolve())
+    atomic_write_json(target / METRICS_FILE, metrics)
+    log.info("wrote %s figures on %s (fingerprint %s) to %s", ", ".join(splits), data, fingerprint,
+             target / METRICS_FILE)
+    return metrics
 
 
 def _evaluate_finished(out: Path, data: Path) -> dict:
@@ -436,6 +632,9 @@ def load_run(run_or_ckpt: Path, device: str | torch.device = "cpu") -> tuple[Seg
         raise RunError(f"{run} lacks {CONFIG_FILE} or {RUN_FILE}; is it a medtextseg run directory?")
     cfg = read_config(run / CONFIG_FILE)
     info = json.loads((run / RUN_FILE).read_text())
+    if info.get("kind") == "vlm":
+        raise RunError(f"{run} is a vision-language pre-training run (`medtextseg pretrain`), not a segmentation "
+                       "run: it predicts no masks of its own; `medtextseg evaluate` scores it")
     encoder = build_encoder(cfg, state=info["text_state"], spec=info.get("text_spec", cfg.text.encoder))
     device = resolve_device(device) if isinstance(device, str) else device
     method = method_class(cfg.method).load_from_checkpoint(ckpt, map_location=device, weights_only=False)
@@ -467,6 +666,24 @@ def evaluation_dir(run: Path, data: Path, fingerprint: str) -> Path:
     return Path(run) / EVAL_DIR / f"{dataset_root(data).name}-{fingerprint[:8]}"
 
 
+def _figures_target(run: Path, data: Path, fingerprint: str, info: dict, out: Path | None) -> tuple[Path, dict]:
+    """Where figures on ``data`` go (the run itself for its own data, else ``out`` or
+    :func:`evaluation_dir`) and the figures already there that are on the same data."""
+    if out is None:
+        own = info.get("data_fingerprint") in (None, fingerprint) and (
+            info.get("data_fingerprint") is not None or Path(info.get("data", "")) == Path(data).resolve())
+        target = run if own else evaluation_dir(run, data, fingerprint)
+    else:
+        target = Path(out)
+    metrics_path = target / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    if target != run and metrics and metrics.get("run") not in (None, str(run.resolve())):
+        raise RunError(f"{target} holds the figures of another run ({metrics['run']}); choose another --out")
+    metrics = {k: v for k, v in metrics.items()
+               if k in ("model", "run") or (isinstance(v, dict) and v.get("data", {}).get("fingerprint") == fingerprint)}
+    return target, metrics
+
+
 def evaluate(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] = ("Test",),
              samples: list[Sample] | None = None, *, out: Path | None = None, device: str = "auto",
              encoder=None) -> dict:
@@ -485,7 +702,10 @@ def evaluate(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] 
     ``out``, or by default :func:`evaluation_dir` — never over the run's own
     figures. The folder written to is logged. ``encoder``: the run's text encoder when
     the caller already has it (training does), instead of a new one from the run.
+    A pre-trained VLM run is scored by :func:`evaluate_pretrained` instead.
     """
+    if is_pretrain_run(run_or_ckpt):
+        return evaluate_pretrained(run_or_ckpt, data, splits, samples, out=out, device=device)
     method, cfg, run_encoder, run = load_run(run_or_ckpt, device=device)
     encoder = encoder or run_encoder
     splits = check_split_names(splits)
@@ -494,18 +714,8 @@ def evaluate(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] 
                                    need_splits=tuple(splits))
     info = _read_run_info(run) or {}
     fingerprint = dataset_fingerprint(samples, data)
-    if out is None:
-        own = info.get("data_fingerprint") in (None, fingerprint) and (
-            info.get("data_fingerprint") is not None or Path(info.get("data", "")) == Path(data).resolve())
-        target = run if own else evaluation_dir(run, data, fingerprint)
-    else:
-        target = Path(out)
+    target, metrics = _figures_target(run, data, fingerprint, info, out)
     metrics_path, rows_path = target / METRICS_FILE, target / "per_image.csv"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    if target != run and metrics and metrics.get("run") not in (None, str(run.resolve())):
-        raise RunError(f"{target} holds the figures of another run ({metrics['run']}); choose another --out")
-    metrics = {k: v for k, v in metrics.items()
-               if k in ("model", "run") or (isinstance(v, dict) and v.get("data", {}).get("fingerprint") == fingerprint)}
     kept_splits = {k for k in metrics if k not in ("model", "run")} - set(splits)
     rows = [r for r in _read_rows(rows_path) if r["split"] in kept_splits]
     k = cfg.data.num_classes
