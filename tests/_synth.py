@@ -3,8 +3,10 @@ options, and the command line run in-process."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from medtextseg.cli import app
@@ -23,3 +25,17 @@ def tiny_cxr(tmp_path_factory, name: str = "cxr", seed: int = 0) -> Path:
 
 def cli(*args):
     return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def no_network():
+    """Any socket connection fails and the Hugging Face libraries are told to stay offline."""
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted in a test")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", refuse)
+        mp.setattr(socket, "create_connection", refuse)
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 from _kill import Kill, Killed
-from _synth import cli, tiny_cxr
+from _synth import (
+    cli,
+    no_network,  # noqa: F401  (a fixture, used by name)
+    tiny_cxr,
+)
 
 from medtextseg.cli import USER_ERROR_EXIT
 from medtextseg.config import load_preset
@@ -29,17 +32,9 @@ SMOKE = ["--tier", "smoke"]
 RECALLS = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_network():
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted in a test")
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", refuse)
-        mp.setattr(socket, "create_connection", refuse)
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        yield
+
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")

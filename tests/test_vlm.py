@@ -11,11 +11,11 @@ import doctest
 import math
 import random
 import re
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _synth import no_network  # noqa: F401  (a fixture, used by name)
 
 from medtextseg.pretrain.similarity import (
     info_nce,
@@ -57,17 +57,9 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_network():
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted in a test")
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", refuse)
-        mp.setattr(socket, "create_connection", refuse)
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        yield
+
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")

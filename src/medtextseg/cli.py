@@ -277,9 +277,6 @@ def train(
     cfg, out = _run_config(ctx, preset, data, out, tier, labeled_ratio, labeled_ids, set_, resume,
                            {"devices": devices, "accelerator": accelerator, "strategy": strategy,
                             "num_nodes": num_nodes, "precision": precision, "seed": seed})
-    if cfg.pretrain:
-        raise ValueError(f"preset {cfg.preset!r} pre-trains a vision-language model: run `medtextseg pretrain "
-                         f"--preset {cfg.preset} --data DIR --out DIR` instead of `train`")
     # CPU training re-faults its activations every step unless glibc keeps freed memory.
     keep_freed_memory()
     metrics = run_train(cfg, data, out, resume=resume, overwrite=overwrite)

@@ -17,11 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning as L
-import torch
 
 from medtextseg.config import Config
 from medtextseg.data.sample import Sample
-from medtextseg.methods import NonFiniteLossError, SegMethod
+from medtextseg.methods import SegMethod
 
 
 class PretrainModule(L.LightningModule):
@@ -58,9 +57,4 @@ class PretrainModule(L.LightningModule):
     configure_optimizers = SegMethod.configure_optimizers
     steps_per_epoch = SegMethod.steps_per_epoch
 
-    def check_finite(self, loss: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
-                "the last good checkpoint is kept. Lower optim.lr or check the data.")
-        return loss
+    check_finite = SegMethod.check_finite
