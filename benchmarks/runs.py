@@ -46,8 +46,12 @@ def optimizer_steps(run: Path) -> int:
     return max((int(r["step"]) for r in _log_rows(run) if r.get("step")), default=-1) + 1
 
 
-def train_in_child(preset: str, tier: str, overrides: list[str], data: Path, run: Path) -> dict:
-    """Train (or reuse) one run; returns its metrics.json merged with bench.json."""
+def train_in_child(preset: str, tier: str, overrides: list[str], data: Path, run: Path, *,
+                   vlm: Path | None = None, stage: str = "train") -> dict:
+    """Train (or reuse) one run; returns its metrics.json merged with bench.json.
+
+    ``stage``: ``train`` (a segmentation run, with ``vlm`` for the methods that use a
+    pre-trained model) or ``pretrain`` (a vision-language pre-training run)."""
     metrics_file, bench_file, legacy = run / "metrics.json", run / BENCH_FILE, run / "wallclock.json"
     if metrics_file.is_file() and not bench_file.is_file() and legacy.is_file():
         # Runs of the first accuracy script kept only the wall-clock.
@@ -56,7 +60,8 @@ def train_in_child(preset: str, tier: str, overrides: list[str], data: Path, run
                  "epoch_seconds": [], "peak_mib": nan}
         return {**json.loads(metrics_file.read_text()), **bench}
     if not (metrics_file.is_file() and bench_file.is_file()):
-        spec = json.dumps({"preset": preset, "tier": tier, "overrides": overrides, "data": str(data), "run": str(run)})
+        spec = json.dumps({"preset": preset, "tier": tier, "overrides": overrides, "data": str(data), "run": str(run),
+                           "vlm": str(vlm) if vlm else None, "stage": stage})
         subprocess.run([sys.executable, __file__, spec], check=True)
     return {**json.loads(metrics_file.read_text()), **json.loads(bench_file.read_text())}
 
@@ -65,7 +70,7 @@ def _child(spec: dict) -> None:
     import lightning as L
 
     from medtextseg.config import load_preset
-    from medtextseg.engine import train
+    from medtextseg.engine import pretrain, train
     from medtextseg.utils import keep_freed_memory
 
     keep_freed_memory()  # as the CLI does: this child process is ours
@@ -92,7 +97,11 @@ def _child(spec: dict) -> None:
     cfg = load_preset(spec["preset"], spec["tier"], spec["overrides"])
     timer = EpochTimer()
     t0 = time.perf_counter()
-    train(cfg, Path(spec["data"]), run, overwrite=True, progress=False, extra_callbacks=[timer])
+    if spec.get("stage") == "pretrain":
+        pretrain(cfg, Path(spec["data"]), run, overwrite=True, progress=False, extra_callbacks=[timer])
+    else:
+        vlm = Path(spec["vlm"]) if spec.get("vlm") else None
+        train(cfg, Path(spec["data"]), run, vlm=vlm, overwrite=True, progress=False, extra_callbacks=[timer])
     atomic_write_json(run / BENCH_FILE, {
         "seconds": time.perf_counter() - t0, "epochs": len(timer.times),
         # Median of the second half: past the first epoch and the cheaper supervised warm-up

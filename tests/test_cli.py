@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from _kill import Kill, Killed
 from _synth import SMOKE, runner, tiny_cxr
 from _synth import cli as _cli
@@ -250,6 +251,10 @@ def test_sigterm_mid_epoch_is_one_line_and_resumable_and_console_is_quiet(data, 
     for noise in ("GPU available", "TPU available", "litlogger", "Loading weights", "limit_train_batches",
                   "pytree", "Warning"):
         assert noise not in out + err, noise
-    res = _cli("train", "--resume", "--out", run, "--set", "train.max_epochs=3")
+    done = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] + 1
+    # A budget below the epochs already trained is one clear refusal, not Lightning's error.
+    res = _cli("train", "--resume", "--out", run, "--set", f"train.max_epochs={done - 1}")
+    assert res.exit_code == 2 and f"train.max_epochs={done}" in res.output, res.output
+    res = _cli("train", "--resume", "--out", run, "--set", f"train.max_epochs={done + 1}")
     assert res.exit_code == 0, res.output
     assert "Test" in json.loads((run / "metrics.json").read_text())

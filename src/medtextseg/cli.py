@@ -269,6 +269,8 @@ def train(
     num_nodes: Annotated[int | None, typer.Option(help="Number of nodes for DDP.")] = None,
     precision: Annotated[str | None, typer.Option(help="32-true | bf16-mixed | 16-mixed.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default: the preset's).")] = None,
+    vlm: Annotated[Path | None, typer.Option(help="Pre-trained vision-language run (`medtextseg pretrain`) for "
+                                             "methods that use one (dusss); copied into the run.")] = None,
 ):
     """Train a preset on a dataset; then evaluate the best checkpoint on Val and Test."""
     from medtextseg.engine import train as run_train
@@ -279,7 +281,7 @@ def train(
                             "num_nodes": num_nodes, "precision": precision, "seed": seed})
     # CPU training re-faults its activations every step unless glibc keeps freed memory.
     keep_freed_memory()
-    metrics = run_train(cfg, data, out, resume=resume, overwrite=overwrite)
+    metrics = run_train(cfg, data, out, vlm=vlm, resume=resume, overwrite=overwrite)
     if metrics:
         _print_metrics(metrics, f"{out}")
 

@@ -220,6 +220,20 @@ class VLMConfig:
 
 
 @dataclass
+class DuSSSConfig:
+    """DuSSS stage 2 (``method: dusss``, :mod:`medtextseg.methods.dusss`).
+
+    ``text_mask``: merge the frozen VLM's text-guided mask into the teacher's pseudo
+    label (Eq. 15-17); ``false`` trains the plain Mean Teacher step (no VLM needed),
+    the first row of the paper's Table 2. ``eps``: the text mask is stored as a
+    probability and turned back into a logit as logit(clamp(p, eps, 1 - eps)).
+    """
+
+    text_mask: bool = True
+    eps: float = 1e-4
+
+
+@dataclass
 class TrainConfig:
     """Loop, devices and stopping; all handed to Lightning."""
 
@@ -257,6 +271,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     semi: SemiConfig = field(default_factory=SemiConfig)
     vlm: VLMConfig = field(default_factory=VLMConfig)
+    dusss: DuSSSConfig = field(default_factory=DuSSSConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:

@@ -270,6 +270,14 @@ def _resume_state(cfg: Config, data: Path | None, out: Path,
             return data, run_info, evaluate_finished(out, Path(data))
         log.info("%s: train.max_epochs raised from %d to %d: continuing training",
                  out, done["epochs"], cfg.train.max_epochs)
+    last = out / "checkpoints" / f"{LAST}.ckpt"
+    if last.is_file():
+        # Saved at the end of epoch e (0-based): e + 1 epochs are done. Lightning would
+        # refuse a smaller budget only inside fit, with its own wording.
+        done_epochs = int(torch.load(last, map_location="cpu", weights_only=False, mmap=True)["epoch"]) + 1
+        if cfg.train.max_epochs < done_epochs:
+            raise RunError(f"cannot resume {out} with train.max_epochs={cfg.train.max_epochs}: it has already "
+                           f"trained {done_epochs} epochs; pass --set train.max_epochs={done_epochs} or more")
     for key, (a, b) in changed.items():
         log.info("%s: %s changed from %r to %r for the resumed attempt", out, key, a, b)
     return data, run_info, None
@@ -391,8 +399,105 @@ def _refuse_pretrain_preset(cfg: Config) -> None:
                        f"`medtextseg pretrain --preset {cfg.preset} --data DIR --out DIR` instead of `train`")
 
 
-def train(cfg: Config, data: Path | None, out: Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, extra_callbacks: list | None = None) -> dict:
+def _pretrain_preset_for(name: str) -> str:
+    """The preset that pre-trains module ``name`` (for messages), e.g. ``dusss-vlm``."""
+    from medtextseg.config import load_preset, preset_names
+
+    for preset in preset_names():
+        if load_preset(preset).pretrain == name:
+            return preset
+    return f"<a preset with pretrain: {name}>"
+
+
+def _check_pretrained_run(cfg: Config, method_cls: type[SegMethod], vlm: Path | None, out: Path, *,
+                          resume: bool, all_samples: list[Sample], fingerprint: str,
+                          samples: list[Sample]) -> tuple[Path, Path] | None:
+    """The checks of ``train --vlm RUN``, all before anything is written.
+
+    Returns ``(checkpoint, run)`` of the pre-training run to copy into the new run, or
+    None when nothing is to be copied (the method needs no pre-trained model, or a
+    resumed run already holds its copy). Raises :class:`RunError` with the fix when the
+    method needs one and none is given, or the run given is not one that fits: not a
+    pre-training run, another module's, an input size or text encoder that differs
+    (the method's ``check_pretrained``), weights that do not load here, or a model that
+    read the masks of Train images this run treats as unlabeled.
+    """
+    from medtextseg.pretrain import pretrain_class
+    from medtextseg.pretrain.base import PRETRAINED_DIR, WEIGHTS_FILE
+
+    need = method_cls.needs_pretrained(cfg)
+    if not need:
+        if vlm is not None:
+            raise RunError(f"--vlm {vlm}: preset {cfg.preset!r} (method {cfg.method}) uses no pre-trained model; "
+                           "leave --vlm out")
+        return None
+    if resume:
+        if not (out / PRETRAINED_DIR / WEIGHTS_FILE).is_file():
+            raise RunError(f"cannot resume {out}: it lacks its copy of the pre-trained model ({PRETRAINED_DIR}/); "
+                           "start the run again with --vlm")
+        if vlm is not None:
+            log.info("%s resumes with its own copy of the pre-trained model; --vlm %s is not read", out, vlm)
+        return None
+    tier = cfg.tier if cfg.tier else "cpu"
+    how = (f"`medtextseg pretrain --preset {_pretrain_preset_for(need)} --tier {tier} --data DATA --out runs/vlm`, "
+           "then pass --vlm runs/vlm")
+    if vlm is None:
+        raise RunError(f"preset {cfg.preset!r} (method {cfg.method}) needs a pre-trained vision-language model: "
+                       f"run {how}")
+    try:
+        ckpt, run = resolve_checkpoint(Path(vlm))
+    except RunError:
+        raise RunError(f"--vlm {vlm} is not a pre-training run with checkpoints/best.ckpt; run {how}") from None
+    info = _read_run_info(run) or {}
+    if info.get("kind") != "vlm" or not (run / CONFIG_FILE).is_file():
+        raise RunError(f"--vlm {vlm} is not a vision-language pre-training run (its run.json has no kind: vlm); "
+                       f"run {how}")
+    if info.get("pretrain") != need:
+        raise RunError(f"--vlm {vlm} was pre-trained by {info.get('pretrain')!r}; method {cfg.method} needs "
+                       f"{need!r}: run {how}")
+    pre_cfg = read_config(run / CONFIG_FILE)
+    try:
+        method_cls.check_pretrained(cfg, pre_cfg)
+    except ValueError as e:
+        raise RunError(f"--vlm {vlm} does not fit this run: {e}") from None
+    try:
+        module = pretrain_class(need)(pre_cfg.to_dict())
+        module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise RunError(f"--vlm {vlm}: its model cannot be loaded here ({e}); pre-train it again") from None
+    del module
+    if info.get("train_masks") and info.get("data_fingerprint") == fingerprint:
+        # The same data: the VLM must have read no mask that this run withholds.
+        split_file = run / SPLIT_FILE
+        seen = set(LabeledSplit.load(split_file).labeled) if split_file.is_file() else {
+            s.id for s in all_samples if s.split == "Train" and s.labeled}
+        kept = {s.id for s in samples if s.split == "Train" and s.labeled}
+        leaked = sorted(seen - kept)
+        if leaked:
+            raise RunError(
+                f"--vlm {vlm} was trained on the masks of {len(leaked)} Train images that this run treats as "
+                f"unlabeled (e.g. {', '.join(leaked[:3])}): pre-train with this run's split (the same "
+                f"--labeled-ratio {cfg.data.labeled_ratio:g} and --seed {cfg.train.seed}, or --labeled-ids), or "
+                "with --set vlm.mask_supervision=false")
+    elif info.get("data_fingerprint") != fingerprint:
+        log.info("%s was pre-trained on other data (%s)", vlm, info.get("data"))
+    if not info.get("finished"):
+        log.warning("%s has not finished pre-training: using its %s", vlm, ckpt.name)
+    return ckpt, run
+
+
+def _pretrained_record(ckpt: Path, run: Path) -> dict:
+    """What run.json says of the pre-trained model a segmentation run copied."""
+    import hashlib
+
+    info = _read_run_info(run) or {}
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    return {"run": str(run.resolve()), "checkpoint": ckpt.name, "sha256": digest, "pretrain": info.get("pretrain"),
+            "data": info.get("data"), "data_fingerprint": info.get("data_fingerprint")}
+
+
+def train(cfg: Config, data: Path | None, out: Path, *, vlm: Path | None = None, resume: bool = False,
+          overwrite: bool = False, progress: bool = True, extra_callbacks: list | None = None) -> dict:
     """Validate the data, train, then evaluate the best checkpoint on Val (and Test).
 
     Nothing is written before the data and every option have passed validation;
@@ -402,7 +507,10 @@ def train(cfg: Config, data: Path | None, out: Path, *, resume: bool = False, ov
     :func:`resume_config`); ``data`` defaults to the run's. A finished run is
     left unchanged (its recorded metrics are returned) unless ``train.max_epochs``
     was raised past the epochs it ran. A pre-training preset (``pretrain:`` set)
-    is refused: :func:`pretrain` trains it.
+    is refused: :func:`pretrain` trains it. ``vlm``: the pre-training run of a
+    method that needs one (``SegMethod.needs_pretrained``; DuSSS), checked by
+    :func:`_check_pretrained_run` and copied into ``out/vlm/`` so that the run
+    resumes and predicts without it; ``run.json`` records its path and checksum.
 
     Returns the metrics dict written to ``metrics.json`` (empty on DDP ranks > 0).
     """
@@ -423,15 +531,17 @@ def train(cfg: Config, data: Path | None, out: Path, *, resume: bool = False, ov
     split, samples = _labeled_split(cfg, out, all_samples, resume=resume)
     if not any(s.split == "Train" and s.labeled for s in samples):
         raise RunError(f"{data} has no labeled Train images to train on")
+    pretrained = _check_pretrained_run(cfg, method_cls, vlm, out, resume=resume, all_samples=all_samples,
+                                       fingerprint=fingerprint, samples=samples)
     callbacks, early = _run_callbacks(cfg, out, MONITOR, extra_callbacks)
     trainer = _build_trainer(cfg, out, callbacks, progress)
     return _in_run_dir(out, resume=resume, overwrite=overwrite, body=lambda child: _fit(
         cfg, data, out, trainer, early, samples, all_samples, split, fingerprint, method_cls,
-        resume=resume, run_info=run_info, child=child))
+        resume=resume, run_info=run_info, child=child, pretrained=pretrained))
 
 
 def _fit(cfg, data, out, trainer, early, samples, all_samples, split, fingerprint, method_cls, *, resume, run_info,
-         child) -> dict:
+         child, pretrained: tuple[Path, Path] | None = None) -> dict:
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     spec = (run_info or {}).get("text_spec") or (text_spec(cfg) if not run_info else cfg.text.encoder)
     encoder = build_encoder(cfg, samples, state=run_info["text_state"] if run_info else None, spec=spec)
@@ -439,9 +549,16 @@ def _fit(cfg, data, out, trainer, early, samples, all_samples, split, fingerprin
     # that loses words is reported in one warning for the whole dataset, not once per split.
     encoder.features(sorted({s.text for s in all_samples}))
     if not child:
+        extra = {}
+        if pretrained is not None:
+            from medtextseg.pretrain.base import PRETRAINED_DIR, export_pretrained
+
+            ckpt, vlm_run = pretrained
+            export_pretrained(ckpt, vlm_run / CONFIG_FILE, vlm_run / RUN_FILE, out / PRETRAINED_DIR)
+            extra["vlm"] = _pretrained_record(ckpt, vlm_run)
         _start_run_files(cfg, out, resume=resume, run_info=run_info, split=split, new_info=lambda: {
             "data": str(data.resolve()), "data_fingerprint": fingerprint, "text_spec": spec,
-            "text_state": encoder.state(), "text_dim": encoder.dim})
+            "text_state": encoder.state(), "text_dim": encoder.dim, **extra})
     dm = SegDataModule(samples, encoder, cfg.data, seed=cfg.train.seed, unlabeled_keys=method_cls.unlabeled_keys,
                        withheld=all_samples)
     method = method_cls(cfg.to_dict(), text_state=encoder.state(), text_dim=encoder.dim)

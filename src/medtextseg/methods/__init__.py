@@ -4,11 +4,13 @@ its training step; register it here by name (the preset's ``method:`` key)."""
 from __future__ import annotations
 
 from medtextseg.methods.base import NonFiniteLossError, SegMethod
+from medtextseg.methods.dusss import DuSSS
 from medtextseg.methods.lvit_semi import LViTSemi
 from medtextseg.methods.mean_teacher import MeanTeacher
 from medtextseg.methods.supervised import Supervised
 
-METHODS: dict[str, type[SegMethod]] = {"supervised": Supervised, "lvit_semi": LViTSemi, "mean_teacher": MeanTeacher}
+METHODS: dict[str, type[SegMethod]] = {"supervised": Supervised, "lvit_semi": LViTSemi, "mean_teacher": MeanTeacher,
+                                     "dusss": DuSSS}
 
 
 def method_class(name: str) -> type[SegMethod]:

@@ -73,6 +73,19 @@ class SegMethod(L.LightningModule):
         builds the ``none`` text encoder and never loads a language model."""
         return cfg.network.use_text
 
+    @classmethod
+    def needs_pretrained(cls, cfg: Config) -> str:
+        """The pre-training module (a :data:`medtextseg.pretrain.PRETRAINERS` name) whose
+        run this method trains with (``medtextseg train --vlm RUN``), or "" for none.
+        The engine copies that run's model into the run directory
+        (:data:`medtextseg.pretrain.base.PRETRAINED_DIR`) before training starts."""
+        return ""
+
+    @classmethod
+    def check_pretrained(cls, cfg: Config, pretrained: Config) -> None:
+        """Raise ``ValueError`` when a pre-training run's config ``pretrained`` does not fit
+        ``cfg`` (called before anything is written)."""
+
     def num_predictor_parameters(self) -> int:
         """Parameters of what predicts: the network and a trainable text embedder, not
         training-only copies such as a Mean Teacher's EMA teacher."""
@@ -179,6 +192,18 @@ class SemiSupervised(SegMethod):
     """
 
     unlabeled_keys: tuple[str, ...] = ()
+
+    def __init__(self, config: dict, text_state: dict | None = None, text_dim: int = 256):
+        super().__init__(config, text_state, text_dim)
+        # Statistics of a set-up pass (pseudo-label or text-mask quality): Lightning
+        # forbids self.log in setup / on_fit_start / on_train_start, so they wait for
+        # the next epoch start.
+        self.pending_stats: dict[str, float] = {}
+
+    def on_train_epoch_start(self) -> None:
+        if self.pending_stats:
+            self.log_dict(self.pending_stats, on_epoch=True)
+            self.pending_stats = {}
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

@@ -223,8 +223,6 @@ class LViTSemi(SemiSupervised):
         super().__init__(config, text_state, text_dim)
         self.bank: PseudoLabelBank | None = None
         self.has_contrast = False
-        # Lightning forbids self.log in setup/on_train_start: such stats wait for the next epoch.
-        self._pending_stats: dict[str, float] = {}
 
     # -- set-up: bank and contrastive labels, once per fit ------------------------------
     def setup(self, stage: str) -> None:
@@ -253,12 +251,12 @@ class LViTSemi(SemiSupervised):
             match, sim = match_by_text(encoder.similarity_vectors([x.text for x in unl.samples]),
                                        encoder.similarity_vectors(texts))
             self.has_contrast = True
-            self._pending_stats = {"lv/text_sim": float(sim.mean()),
+            self.pending_stats = {"lv/text_sim": float(sim.mean()),
                                    "lv/exact_text": float((sim > 1 - 1e-6).float().mean())}
             if unl.hidden_masks is not None:
                 # Diagnostic only: how well the chosen contrastive labels fit the withheld masks.
                 hard = (contrast[match] > self.cfg.data.threshold).long()
-                self._pending_stats["lv/contrast_dice"] = float(
+                self.pending_stats["lv/contrast_dice"] = float(
                     dice_iou_per_image(hard, torch.from_numpy(unl.hidden_masks).long(), 1)[0].mean())
         unl.targets = UnlabeledTargets(self.bank, contrast, match)
 
@@ -266,12 +264,7 @@ class LViTSemi(SemiSupervised):
     def on_train_start(self) -> None:
         # warmup_epochs = 0 (or a resume into a post-warm-up epoch without a bank yet).
         if self.bank is not None and self.bank.generation == 0 and self.current_epoch >= self.cfg.semi.warmup_epochs:
-            self._pending_stats.update(self.refresh_pseudo_labels())
-
-    def on_train_epoch_start(self) -> None:
-        if self._pending_stats:
-            self.log_dict(self._pending_stats, on_epoch=True)
-            self._pending_stats = {}
+            self.pending_stats.update(self.refresh_pseudo_labels())
 
     def on_train_epoch_end(self) -> None:
         nxt = self.current_epoch + 1

@@ -10,17 +10,32 @@ A module declares what the engine needs to drive it:
 - :meth:`datamodule`: the data it trains and validates on;
 - :meth:`evaluate_split`: the figures of one split (``metrics.json``);
 - :meth:`run_info`: what ``run.json`` must record for a later stage to use the run.
+
+A segmentation run that uses a pre-trained model keeps its own copy
+(:func:`export_pretrained` into ``<run>/``:data:`PRETRAINED_DIR`, read back by
+:func:`load_pretrained`), so it trains, resumes and predicts after the pre-training
+run is deleted (DESIGN §9).
 """
 
 from __future__ import annotations
 
+import io
+import json
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
+import torch
 
 from medtextseg.config import Config
 from medtextseg.data.sample import Sample
 from medtextseg.methods import SegMethod
+from medtextseg.utils import atomic_write_bytes
+
+# Inside a segmentation run: the pre-trained model it uses (config.yaml, run.json, weights.pt).
+PRETRAINED_DIR = "vlm"
+WEIGHTS_FILE = "weights.pt"
 
 
 class PretrainModule(L.LightningModule):
@@ -58,3 +73,36 @@ class PretrainModule(L.LightningModule):
     steps_per_epoch = SegMethod.steps_per_epoch
 
     check_finite = SegMethod.check_finite
+
+
+def export_pretrained(checkpoint: Path, config_file: Path, run_file: Path, dest: Path) -> None:
+    """Copy what a later stage needs of a pre-training run into ``dest``: its config and
+    run.json, and the module's weights from ``checkpoint`` (``state_dict`` only: no
+    optimizer state), each written atomically. ``dest`` is replaced if it exists."""
+    dest = Path(dest)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    buf = io.BytesIO()
+    torch.save({"state_dict": state}, buf)
+    if dest.exists():
+        shutil.rmtree(dest)
+    atomic_write_bytes(dest / WEIGHTS_FILE, buf.getvalue())
+    atomic_write_bytes(dest / "config.yaml", Path(config_file).read_bytes())
+    atomic_write_bytes(dest / "run.json", Path(run_file).read_bytes())
+
+
+def load_pretrained(folder: Path, map_location: str | torch.device = "cpu") -> tuple[PretrainModule, dict]:
+    """The module saved by :func:`export_pretrained` (eval mode, frozen) and its run.json."""
+    from medtextseg.config import read_config
+    from medtextseg.pretrain import pretrain_class
+
+    folder = Path(folder)
+    missing = [n for n in ("config.yaml", "run.json", WEIGHTS_FILE) if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: the pre-trained model of this run is "
+                                "incomplete; start the run again with --vlm")
+    cfg = read_config(folder / "config.yaml")
+    module = pretrain_class(cfg.pretrain)(cfg.to_dict())
+    state = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=False)["state_dict"]
+    module.load_state_dict(state)
+    module.to(map_location).eval().requires_grad_(False)
+    return module, json.loads((folder / "run.json").read_text())
