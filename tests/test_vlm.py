@@ -460,6 +460,8 @@ def test_minilm_text_encoder_loads_and_fine_tunes():
         }
     )
     assert vlm.text.config.hidden_size == 384 and vlm.text.config.num_hidden_layers == 6
+    # fine-tuned as BERT is: with its dropout (from_pretrained returns eval mode)
+    assert all(m.training for m in vlm.modules())
     ids, mask = vlm.tokenize(TEXTS, max_len=24)
     txt_emb, mu, logsigma = vlm.encode_text(ids, mask)
     assert txt_emb.shape == mu.shape == logsigma.shape == (2, 16)

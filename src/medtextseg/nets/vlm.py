@@ -285,6 +285,10 @@ class DualEncoderVLM(nn.Module):
         self.txt_gauss = GaussianHead(ht, embed_dim, int(tcfg.num_attention_heads))
         self.decoder = GroundingDecoder(hv, embed_dim, decoder_channels)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        # from_pretrained hands back its model in eval mode, and Lightning keeps each
+        # module's mode: without this the fine-tuned text encoder would train without
+        # its dropout.
+        self.train()
 
     # -- construction ----------------------------------------------------------------------------
 
