@@ -158,7 +158,7 @@ def _overrides(set_: list[str] | None, extra: list[str]) -> list[str]:
 @app.command()
 @friendly
 def synth(
-    kind: Annotated[str, typer.Argument(help="Generator: chest-xray.")],
+    kind: Annotated[str, typer.Argument(help="Generator: chest-xray or lung-ct.")],
     out: Annotated[Path, typer.Option(help="Folder to write the dataset to (LViT layout).")],
     n: Annotated[int, typer.Option(help="Number of images over all splits.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 0,

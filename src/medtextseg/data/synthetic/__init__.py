@@ -1,8 +1,13 @@
 """Synthetic datasets in the LViT layout, one generator per domain.
 
 ``GENERATORS[name](out, n, seed=0, size=..., ...)`` writes ``out`` and returns a summary
-dict. Every generator writes through :mod:`medtextseg.data.synthetic.layout`, so the LViT
-reader loads them all.
+dict. Every generator writes through :mod:`medtextseg.data.synthetic.layout` (by way of
+:func:`medtextseg.data.synthetic.common.write_dataset`), so the LViT reader loads them all.
+
+* ``chest-xray``: QaTa-like frontal chest radiographs (:mod:`.chest_xray`).
+* ``lung-ct``: MosMedData+-like axial lung CT slices in a lung window (:mod:`.lung_ct`).
+
+Both describe their lesions in the QaTa grammar (:mod:`.qata_grammar`).
 """
 
 from __future__ import annotations
@@ -10,9 +15,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from medtextseg.data.synthetic.chest_xray import ChestXrayConfig, generate_chest_xray
+from medtextseg.data.synthetic.lung_ct import LungCTConfig, generate_lung_ct
 
 GENERATORS: dict[str, Callable[..., dict]] = {
     "chest-xray": generate_chest_xray,
+    "lung-ct": generate_lung_ct,
 }
 
-__all__ = ["GENERATORS", "ChestXrayConfig", "generate_chest_xray"]
+__all__ = [
+    "GENERATORS",
+    "ChestXrayConfig",
+    "LungCTConfig",
+    "generate_chest_xray",
+    "generate_lung_ct",
+]

@@ -20,36 +20,49 @@ viewer's right, v down) and mapped through the pose, so masks and zones stay exa
 from __future__ import annotations
 
 import math
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medtextseg.data.sample import SPLITS
-from medtextseg.data.synthetic.layout import LViTLayoutWriter, assign_splits, png_bytes
+from medtextseg.data.synthetic.common import (
+    LESION_EDGE,
+    ItemJob,
+    RngStreams,
+    blur,
+    check_generate_args,
+    item_name,
+    item_rng,
+    loguniform,
+    noisy_text,
+    smin,
+    smooth_noise,
+    smoothstep,
+    write_dataset,
+)
 from medtextseg.data.synthetic.qata_grammar import (
     LEVELS,
     ZONES,
     Layout,
-    add_annotation_noise,
     describe,
     sample_layout,
 )
 
 # Independent random streams per image, so e.g. changing text_noise or the difficulty
 # knobs never changes the drawn layouts, and image k is the same whatever n is.
-_STREAM_LAYOUT = 0
-_STREAM_IMAGE = 1
-_STREAM_TEXT = 2
-_STREAM_SPLIT = 3
+STREAMS = RngStreams(layout=0, image=1, text=2, split=3)
 
-FILE_PREFIX = "synth_"
+__all__ = [
+    "ChestXrayConfig",
+    "ChestXrayItem",
+    "generate_chest_xray",
+    "item_name",
+    "make_item",
+    "render_chest_xray",
+]
+
 # "all X lung" opacities get this factor on top of the drawn lesion contrast
 DIFFUSE_CONTRAST_GAIN = 1.3
 
@@ -120,56 +133,6 @@ class ChestXrayItem:
     layout: Layout
     text: str
     n_distractors: int = 0
-
-
-# --------------------------------------------------------------------------------------
-# small numeric helpers (float32 arrays throughout: the renderer is memory-bound)
-# --------------------------------------------------------------------------------------
-
-
-def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
-    t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
-def _smin(a: np.ndarray, b: np.ndarray | float, k: float) -> np.ndarray:
-    """Smooth minimum (polynomial, blend width ``k``): rounds the corners where two
-    outlines meet, e.g. the lung edge against the heart."""
-    h = np.clip(0.5 + 0.5 * (b - a) / k, 0.0, 1.0)
-    return b + (a - b) * h - k * h * (1.0 - h)
-
-
-def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of a ``(H, W)`` float32 array (reflect padding)."""
-    if sigma < 0.3:
-        return a
-    r = max(1, math.ceil(3 * sigma))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2).astype(np.float32)
-    k /= k.sum()
-    p = np.pad(a, r, mode="reflect")
-    h, w = a.shape
-    tmp = np.zeros((h + 2 * r, w), np.float32)
-    for i, kv in enumerate(k):
-        tmp += kv * p[:, i : i + w]
-    out = np.zeros((h, w), np.float32)
-    for i, kv in enumerate(k):
-        out += kv * tmp[i : i + h, :]
-    return out
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Band-limited noise, ``(size, size)`` float32, ~zero mean, unit std: a ``cells`` x
-    ``cells`` Gaussian grid upsampled bicubically."""
-    g = rng.standard_normal((cells + 3, cells + 3)).astype(np.float32)
-    img = Image.fromarray(g).resize(
-        (size, size), Image.BICUBIC, box=(1.5, 1.5, cells + 1.5, cells + 1.5)
-    )
-    a = np.asarray(img, dtype=np.float32)
-    return (a - a.mean()) / (a.std() + 1e-6)
-
-
-def _loguniform(rng: np.random.Generator, lo: float, hi: float) -> float:
-    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
 # --------------------------------------------------------------------------------------
@@ -354,21 +317,21 @@ def _lung_margin_at(lung: _Lung, anat: _Anatomy, u: np.ndarray, v: np.ndarray) -
     t = (v - lung.apex) / (lung.bottom - lung.apex)
     e_med, e_lat = lung.e_range(t)
     m = np.minimum((e_lat - e) * lung.width, (e - e_med) * lung.width)
-    m = _smin(m, d - _mediastinum_half(anat, lung, v), 0.02)
-    m = _smin(m, lung.dome_v(e) - v, 0.01)
+    m = smin(m, d - _mediastinum_half(anat, lung, v), 0.02)
+    m = smin(m, lung.dome_v(e) - v, 0.01)
     m = np.minimum(m, (v - lung.apex) * 0.5)
     hx, hy, rx, ry = anat.heart
     rho = np.sqrt(((u - hx) / rx) ** 2 + ((v - hy) / ry) ** 2)
-    m = _smin(m, (rho - 1.0) * min(rx, ry), 0.025)
+    m = smin(m, (rho - 1.0) * min(rx, ry), 0.025)
     kx, ky, kr = anat.knob
-    m = _smin(m, np.sqrt((u - kx) ** 2 + (v - ky) ** 2) - kr, 0.03)
+    m = smin(m, np.sqrt((u - kx) ** 2 + (v - ky) ** 2) - kr, 0.03)
     return m
 
 
 def _mediastinum_half(anat: _Anatomy, lung: _Lung, v: np.ndarray) -> np.ndarray:
     """Half-width of the mediastinum at height ``v``: narrow between the apices, widening
     towards the hila."""
-    return anat.mediastinum * (0.7 + 0.3 * _smoothstep(lung.apex, lung.apex + 0.3, v))
+    return anat.mediastinum * (0.7 + 0.3 * smoothstep(lung.apex, lung.apex + 0.3, v))
 
 
 # --------------------------------------------------------------------------------------
@@ -424,13 +387,13 @@ def _diffuse_field(rng: np.random.Generator, margin: np.ndarray, size: int) -> n
 
     Covers the lung except a thin, irregular rim, so it stays one connected area.
     """
-    rim = rng.uniform(0.004, 0.012) + 0.008 * _smooth_noise(rng, size, 5)
+    rim = rng.uniform(0.004, 0.012) + 0.008 * smooth_noise(rng, size, 5)
     return (margin - np.clip(rim, 0.0, None)) / 0.04
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     """Ground-glass texture in [0, 1]: mottled mid-frequency noise, ``(S, S)`` float32."""
-    a = 0.6 * _smooth_noise(rng, size, 14) + 0.4 * _smooth_noise(rng, size, 28)
+    a = 0.6 * smooth_noise(rng, size, 14) + 0.4 * smooth_noise(rng, size, 28)
     return np.clip(0.5 + 0.3 * a, 0.0, 1.0)
 
 
@@ -509,45 +472,45 @@ def _anatomy_density(
     margins = {name: _lung_margin(lung, anat, frame) for name, lung in anat.lungs.items()}
     lung_soft = np.zeros((S, S), np.float32)
     for m in margins.values():
-        lung_soft = np.maximum(lung_soft, _smoothstep(-0.006, 0.012, m))
+        lung_soft = np.maximum(lung_soft, smoothstep(-0.006, 0.012, m))
 
     # body: soft-tissue chord length through the trunk; neck and shoulders on top
     # the trapezius slopes from the neck out to the shoulder tips, which reach past the
     # chest wall; below them the outline comes back in at the axillae
-    slope = _smoothstep(-0.02, anat.shoulder_v, v)
+    slope = smoothstep(-0.02, anat.shoulder_v, v)
     half = anat.neck + (anat.body_half + anat.shoulder - anat.neck) * np.sqrt(slope)
-    half -= anat.shoulder * _smoothstep(anat.shoulder_v + 0.02, anat.shoulder_v + 0.2, v)
+    half -= anat.shoulder * smoothstep(anat.shoulder_v + 0.02, anat.shoulder_v + 0.2, v)
     body = np.sqrt(np.clip(1.0 - (du / half) ** 2, 0.0, None))
     dens = 0.56 * body
 
     # lungs: air replaces tissue; bases a little denser (soft tissue overlay)
     for name, lung in anat.lungs.items():
         tl = np.clip((v - lung.apex) / (lung.bottom - lung.apex), 0, 1)
-        lung_part = _smoothstep(-0.006, 0.012, margins[name])
-        dens -= lung_part * (0.36 - 0.05 * tl - 0.05 * _smoothstep(0.2, 0.0, tl))
-    dens += 0.025 * _smooth_noise(rng, S, 6) * lung_soft  # lung parenchyma density varies
+        lung_part = smoothstep(-0.006, 0.012, margins[name])
+        dens -= lung_part * (0.36 - 0.05 * tl - 0.05 * smoothstep(0.2, 0.0, tl))
+    dens += 0.025 * smooth_noise(rng, S, 6) * lung_soft  # lung parenchyma density varies
 
     # heart and aortic knob: a little denser than the mediastinal fat
     hx, hy, rx, ry = anat.heart
     rho_h = np.sqrt(((u - hx) / rx) ** 2 + ((v - hy) / ry) ** 2)
     # (only above the domes: below them the heart merges with the liver and stomach)
     dome_line = np.where(du < 0, anat.lungs["left"].dome, anat.lungs["right"].dome)
-    below = _smoothstep(dome_line - 0.01, dome_line + 0.04, v)
-    dens += 0.03 * _smoothstep(1.05, 0.7, rho_h) * body * (1.0 - below)
+    below = smoothstep(dome_line - 0.01, dome_line + 0.04, v)
+    dens += 0.03 * smoothstep(1.05, 0.7, rho_h) * body * (1.0 - below)
     # liver and spleen under the domes: as dense as the heart and ribs above them, so the
     # heart does not stand out as a ball against the abdomen
     dens += 0.05 * below * body
     kx, ky, kr = anat.knob
-    dens += 0.02 * _smoothstep(kr * 1.1, kr * 0.4, np.sqrt((u - kx) ** 2 + (v - ky) ** 2))
+    dens += 0.02 * smoothstep(kr * 1.1, kr * 0.4, np.sqrt((u - kx) ** 2 + (v - ky) ** 2))
 
     # trachea: air column in the upper mediastinum, ending at the carina
     carina = anat.lungs["left"].apex + 0.2
     dens -= (
-        0.08 * _smoothstep(0.02, 0.012, np.abs(du)) * _smoothstep(carina, carina - 0.05, v) * body
+        0.08 * smoothstep(0.02, 0.012, np.abs(du)) * smoothstep(carina, carina - 0.05, v) * body
     )
 
     # spine: vertebral bodies behind the mediastinum, end plates every ~4% of height
-    spine = _smoothstep(0.045, 0.03, np.abs(du))
+    spine = smoothstep(0.045, 0.03, np.abs(du))
     vert = 0.8 + 0.2 * np.cos(2 * np.pi * v / 0.042) ** 8
     dens += 0.05 * spine * vert * body
 
@@ -556,7 +519,7 @@ def _anatomy_density(
     gb_u = anat.cx + 0.55 * lr.width
     gb_v = lr.dome + 0.06
     gb = (((u - gb_u) / 0.07) ** 2 + ((v - gb_v) / 0.035) ** 2) < 1
-    dens -= 0.1 * _smoothstep(0.0, 1.0, _blur(gb.astype(np.float32), 2 * px)) * (v > lr.dome)
+    dens -= 0.1 * smoothstep(0.0, 1.0, blur(gb.astype(np.float32), 2 * px)) * (v > lr.dome)
 
     # bones
     bones = np.zeros((S, S), np.float32)
@@ -574,23 +537,23 @@ def _anatomy_density(
         z = (phase - k) / (0.5 * anat.rib_thick)
         band = np.exp(-(z**4)) + 0.4 * np.exp(-(((np.abs(z) - 0.95) / 0.25) ** 2))
         band *= rib_amp[np.clip(k, 0, len(rib_amp) - 1).astype(np.intp)]
-        rib_on = _smoothstep(0.05, 0.2, e) * _smoothstep(1.2, 1.05, e)
-        rib_on *= _smoothstep(-0.3, 0.2, phase)
+        rib_on = smoothstep(0.05, 0.2, e) * smoothstep(1.2, 1.05, e)
+        rib_on *= smoothstep(-0.3, 0.2, phase)
         # ribs fade below the diaphragm, where the abdomen's soft tissue swamps them
-        rib_on *= 0.35 + 0.65 * _smoothstep(lung.bottom + 0.06, lung.bottom - 0.02, v)
+        rib_on *= 0.35 + 0.65 * smoothstep(lung.bottom + 0.06, lung.bottom - 0.02, v)
         bones += 0.05 * band * rib_on * side
         # anterior ribs: fainter, running down towards the sternum, ending at cartilage
         qa = v + 0.14 * e * lung.width / 0.32
         pa = (qa - lung.apex) / (1.3 * anat.rib_spacing)
         fa = pa - np.round(pa)
         za = fa / (0.3 * anat.rib_thick)
-        on_a = _smoothstep(0.3, 0.5, e) * _smoothstep(1.05, 0.95, e) * _smoothstep(0, 0.5, pa)
-        on_a *= _smoothstep(6.5, 5.5, pa)
+        on_a = smoothstep(0.3, 0.5, e) * smoothstep(1.05, 0.95, e) * smoothstep(0, 0.5, pa)
+        on_a *= smoothstep(6.5, 5.5, pa)
         bones += 0.03 * np.exp(-(za**2)) * on_a * side
         # clavicle: gentle S from the sternal end out over the apex
         vc = anat.clavicle_v + 0.02 - 0.07 * e + 0.025 * np.sin(np.pi * np.clip(e, 0, 1))
         zc = (v - vc) / 0.014
-        clav_on = _smoothstep(0.05, 0.12, e) * _smoothstep(1.15, 1.0, e)
+        clav_on = smoothstep(0.05, 0.12, e) * smoothstep(1.15, 1.0, e)
         bones += (
             0.1
             * (np.exp(-(zc**4)) + 0.4 * np.exp(-(((np.abs(zc) - 1) / 0.3) ** 2)))
@@ -627,7 +590,7 @@ def render_chest_xray(
     inside = {name: m > 0 for name, m in margins.items()}
     lung_soft = np.zeros((S, S), np.float32)
     for m in margins.values():
-        lung_soft = np.maximum(lung_soft, _smoothstep(-0.006, 0.012, m))
+        lung_soft = np.maximum(lung_soft, smoothstep(-0.006, 0.012, m))
 
     # ---- anatomy: smooth, so drawn at half resolution and upsampled (4x fewer pixels)
     lo_size = S // 2 if S >= 128 else S
@@ -639,7 +602,7 @@ def render_chest_xray(
         dens = np.array(Image.fromarray(dens).resize((S, S), Image.BICUBIC), dtype=np.float32)
 
     # ---- vessels (inside the lungs only; the hila themselves stay bright)
-    vessels = _blur(_draw_vessels(rng, frame, anat, px), 0.7 * px)
+    vessels = blur(_draw_vessels(rng, frame, anat, px), 0.7 * px)
     dens += 0.08 * vessels * lung_soft
 
     # ---- lesions
@@ -649,7 +612,7 @@ def render_chest_xray(
     mask = np.zeros((S, S), bool)
     lesion = np.zeros((S, S), np.float32)
     lo, hi = cfg.lesion_contrast
-    image_contrast = _loguniform(rng, lo, hi)  # one patient's lesions share a severity
+    image_contrast = loguniform(rng, lo, hi)  # one patient's lesions share a severity
     for name, finding in layout.findings().items():
         lung = anat.lungs[name]
         for run in finding.runs():
@@ -668,11 +631,11 @@ def render_chest_xray(
             if finding.diffuse:
                 # a whole-lung opacity is only visible as patchy, uneven whitening, and
                 # is denser than a focal one (it is read against the other lung)
-                patches = np.clip(0.5 + 0.35 * _smooth_noise(rng, S, 5), 0.0, 1.0)
+                patches = np.clip(0.5 + 0.35 * smooth_noise(rng, S, 5), 0.0, 1.0)
                 tex = (0.15 + 0.85 * patches) * (0.5 + 0.5 * texture)
-                opacity = _smoothstep(-0.25, 0.35, f) * tex * DIFFUSE_CONTRAST_GAIN
+                opacity = smoothstep(*LESION_EDGE, f) * tex * DIFFUSE_CONTRAST_GAIN
             else:
-                opacity = _smoothstep(-0.25, 0.35, f) * (0.35 + 0.65 * texture)
+                opacity = smoothstep(*LESION_EDGE, f) * (0.35 + 0.65 * texture)
             lesion = np.maximum(lesion, contrast * opacity * window)
     dens += lesion * lung_soft
 
@@ -687,20 +650,20 @@ def render_chest_xray(
         bounds = lung.zone_bounds()[LEVELS.index(level)]
         if rng.random() < cfg.distractor_opacity_fraction:
             f = _blob_field(rng, lung, anat, frame, bounds, rng.uniform(0.45, 0.8))
-            contrast = _loguniform(rng, lo, hi)
-            opacity = _smoothstep(-0.25, 0.35, f) * (0.35 + 0.65 * texture)
+            contrast = loguniform(rng, lo, hi)
+            opacity = smoothstep(*LESION_EDGE, f) * (0.35 + 0.65 * texture)
         else:
             # a vessel seen end-on / nipple shadow: small, round, brighter
             f = _blob_field(rng, lung, anat, frame, bounds, 0.0, radius=rng.uniform(0.012, 0.025))
             contrast = rng.uniform(0.08, 0.18)
-            opacity = _smoothstep(-0.1, 0.3, f)
+            opacity = smoothstep(-0.1, 0.3, f)
         dens += contrast * opacity * window * lung_soft
 
     # ---- detector: blur, noise, window and gamma
-    dens = _blur(dens, rng.uniform(*cfg.blur_px) * px)
+    dens = blur(dens, rng.uniform(*cfg.blur_px) * px)
     sigma = rng.uniform(*cfg.noise_sigma)
     dens += sigma * rng.standard_normal((S, S)).astype(np.float32)
-    dens += 0.5 * sigma * _smooth_noise(rng, S, max(8, S // 4))  # correlated quantum mottle
+    dens += 0.5 * sigma * smooth_noise(rng, S, max(8, S // 4))  # correlated quantum mottle
     black = rng.uniform(-0.02, 0.06)
     white = rng.uniform(0.62, 0.72)
     gamma = rng.uniform(0.8, 1.25)
@@ -729,10 +692,6 @@ def render_chest_xray(
 # --------------------------------------------------------------------------------------
 
 
-def _item_rng(seed: int, index: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, index, stream])
-
-
 def make_item(
     seed: int, index: int, config: ChestXrayConfig | None = None, text_noise: float = 0.0
 ) -> tuple[ChestXrayItem, str]:
@@ -742,38 +701,9 @@ def make_item(
         ``(item, text)``: ``text`` is ``item.text`` with annotation noise applied with
         probability ``text_noise``.
     """
-    layout = sample_layout(_item_rng(seed, index, _STREAM_LAYOUT))
-    item = render_chest_xray(layout, _item_rng(seed, index, _STREAM_IMAGE), config)
-    trng = _item_rng(seed, index, _STREAM_TEXT)
-    text = item.text
-    if trng.random() < text_noise:
-        text = add_annotation_noise(text, trng)
-    return item, text
-
-
-def item_name(index: int, n: int) -> str:
-    """File name of item ``index`` (``synth_00012.png``); at least five digits."""
-    return f"{FILE_PREFIX}{index:0{max(5, len(str(max(n - 1, 0))))}d}.png"
-
-
-@dataclass(frozen=True)
-class _Job:
-    seed: int
-    config: ChestXrayConfig
-    text_noise: float
-
-
-def _encoded_item(job: _Job, index: int) -> tuple[int, bytes, bytes, str, bool, bool]:
-    """Worker body: ``(index, image PNG, mask PNG, text, text is noisy, bilateral)``."""
-    item, text = make_item(job.seed, index, job.config, job.text_noise)
-    return (
-        index,
-        png_bytes(item.image),
-        png_bytes(item.mask),
-        text,
-        text != item.text,
-        item.layout.bilateral,
-    )
+    layout = sample_layout(item_rng(seed, index, STREAMS.layout))
+    item = render_chest_xray(layout, item_rng(seed, index, STREAMS.image), config)
+    return item, noisy_text(item.text, item_rng(seed, index, STREAMS.text), text_noise)
 
 
 def generate_chest_xray(
@@ -823,45 +753,14 @@ def generate_chest_xray(
         FileExistsError: ``out`` exists, is not empty and ``overwrite`` is false.
     """
     t0 = time.perf_counter()
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    if not 0.0 <= text_noise <= 1.0:
-        raise ValueError(f"text_noise must be in [0, 1], got {text_noise}")
+    check_generate_args(n, seed, text_noise)
     cfg = replace(
         config or ChestXrayConfig(),
         size=size,
         lesion_contrast=tuple(lesion_contrast),
         distractor_rate=distractor_rate,
     )
-    splits = assign_splits(n, split_fractions, np.random.default_rng([seed, _STREAM_SPLIT]))
-    job = _Job(seed, cfg, text_noise)
-    workers = max(1, min(int(workers), n))
-    counts = dict.fromkeys(SPLITS, 0)
-    texts: set[str] = set()
-    noisy = bilateral = 0
-    with LViTLayoutWriter(out, overwrite=overwrite) as writer, ExitStack() as stack:
-        if workers > 1:
-            # spawn, not fork: the caller may hold threads (torch) that fork would break
-            pool = stack.enter_context(
-                ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            )
-            results = pool.map(partial(_encoded_item, job), range(n), chunksize=16)
-        else:
-            results = (_encoded_item(job, i) for i in range(n))
-        for i, img_png, mask_png, text, is_noisy, is_bilateral in results:
-            writer.add_encoded(splits[i], item_name(i, n), img_png, mask_png, text)
-            counts[splits[i]] += 1
-            texts.add(text)
-            noisy += is_noisy
-            bilateral += is_bilateral
-    return {
-        "out": str(Path(out)),
-        "n": n,
-        "splits": counts,
-        "unique_texts": len(texts),
-        "noisy_texts": noisy,
-        "bilateral_fraction": bilateral / n,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    job = ItemJob(make_item, seed, cfg, text_noise)
+    return write_dataset(
+        out, n, job, STREAMS, split_fractions, overwrite=overwrite, workers=workers, started=t0
+    )

@@ -10,6 +10,10 @@ combined: ``"middle lower"``, ``"upper middle lower"``) followed by ``"left lung
 ``"right lung"``. Left and right are from the VIEWER's perspective: the "left lung" is
 the one on the image's left half (the patient's right lung).
 
+The lung-CT generator (:mod:`medtextseg.data.synthetic.lung_ct`) writes its descriptions
+with this grammar too, as MosMedData+ does; on an axial slice the levels are thirds of
+each lung along the image's vertical axis (anterior = "upper").
+
 What the 2,113 real test-set descriptions show (``qata_test_descriptions.csv`` in the
 project's shared data folder; analysed once, the tables below are the result, and nothing
 here reads that file at runtime):
@@ -47,7 +51,8 @@ ALL_WORD = "all"
 POSITION_WORDS: tuple[str, ...] = (ALL_WORD, *LEVELS)
 ZONES: tuple[tuple[str, str], ...] = tuple((lung, level) for lung in LUNGS for level in LEVELS)
 """The six zones as ``(lung, level)``; their index in this tuple + 1 is the zone id that
-:func:`medtextseg.data.synthetic.chest_xray.render_chest_xray` writes in its zone map."""
+:func:`medtextseg.data.synthetic.chest_xray.render_chest_xray` and
+:func:`medtextseg.data.synthetic.lung_ct.render_lung_ct` write in their zone maps."""
 
 COUNT_WORDS: tuple[str, ...] = ("one", "two", "three", "four")
 MAX_AREAS = len(COUNT_WORDS)
