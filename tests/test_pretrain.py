@@ -229,3 +229,17 @@ def test_train_refuses_a_pretrain_preset_and_pretrain_a_segmentation_one(data, t
     res = cli("pretrain", "--preset", "dusss-vlm", "--data", tmp_path / "missing", "--out", tmp_path / "run", *SMOKE)
     assert res.exit_code == USER_ERROR_EXIT
     assert not (tmp_path / "run").exists()
+
+
+def test_selection_on_the_text_mask_dice(data, tmp_path):
+    """vlm.monitor=text_dice: best.ckpt and early stopping follow the Val text-mask Dice;
+    an unknown monitor is refused before anything is written."""
+    run = tmp_path / "vlm"
+    cfg = load_preset("dusss-vlm", "smoke", ["vlm.monitor=text_dice", "train.max_epochs=1"])
+    pretrain(cfg, data, run, progress=False)
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
+    monitors = {v.get("monitor") for v in best["callbacks"].values() if isinstance(v, dict)}
+    assert "val/text_dice" in monitors and "val/r1" not in monitors
+    res = cli("pretrain", "--preset", "dusss-vlm", "--tier", "smoke", "--data", data, "--out", tmp_path / "bad",
+              "--set", "vlm.monitor=loss")
+    assert res.exit_code == 2 and "vlm.monitor" in res.output and not (tmp_path / "bad").exists()

@@ -186,6 +186,8 @@ class VLMConfig:
     ``text_p_drop``); the image view is a random resized crop of at least
     ``aug_crop_min`` of each side, a rotation within ±``aug_rotate_degrees``, and
     intensity jitter (never a flip: the texts state left and right).
+
+    Selection: ``monitor`` is ``r1`` (Val mean R@1) or ``text_dice`` (Val text-mask Dice).
     """
 
     image_encoder: str = "vit"
@@ -217,6 +219,10 @@ class VLMConfig:
     text_p_drop: float = 0.5
     aug_crop_min: float = 0.8
     aug_rotate_degrees: float = 10.0
+    # What best.ckpt and early stopping select on: "r1" (Val mean R@1, the paper's
+    # retrieval) or "text_dice" (the text mask's Val Dice: what DuSSS stage 2 consumes;
+    # needs masks on every Val image).
+    monitor: str = "r1"
 
 
 @dataclass

@@ -604,7 +604,11 @@ def pretrain(cfg: Config, data: Path | None, out: Path, *, resume: bool = False,
     # Masks are optional everywhere: Val / Test figures score the text mask where there is one.
     all_samples, fingerprint = _checked_data(cfg, data, out, resume=resume, run_info=run_info, require_masks_in=())
     split, samples = _labeled_split(cfg, out, all_samples, resume=resume)
-    callbacks, early = _run_callbacks(cfg, out, module_cls.monitor, extra_callbacks)
+    try:
+        module_cls.check_samples(cfg, samples)
+    except ValueError as e:
+        raise RunError(f"{data}: {e}") from None
+    callbacks, early = _run_callbacks(cfg, out, module_cls.monitor_for(cfg), extra_callbacks)
     trainer = _build_trainer(cfg, out, callbacks, progress)
     # Built before the run directory exists, so an unusable model option writes nothing.
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)

@@ -4,8 +4,8 @@ Trainer, run directory, checkpoints, resume rules and logs as a segmentation met
 
 A module declares what the engine needs to drive it:
 
-- ``monitor``: the logged Val metric ``best.ckpt`` and early stopping select on
-  (higher is better);
+- ``monitor`` / :meth:`monitor_for`: the logged Val metric ``best.ckpt`` and early
+  stopping select on (higher is better);
 - :meth:`check_config`: refuse a config before anything is written;
 - :meth:`datamodule`: the data it trains and validates on;
 - :meth:`evaluate_split`: the figures of one split (``metrics.json``);
@@ -57,6 +57,16 @@ class PretrainModule(L.LightningModule):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Raise ``ValueError`` for a config this module cannot train."""
+
+    @classmethod
+    def monitor_for(cls, cfg: Config) -> str:
+        """The Val metric of this config's selection (:attr:`monitor` unless the config chooses)."""
+        return cls.monitor
+
+    @classmethod
+    def check_samples(cls, cfg: Config, samples: Sequence[Sample]) -> None:
+        """Raise ``ValueError`` when the data cannot serve this config (e.g. a selection on
+        Val masks that some Val image lacks); called before anything is written."""
 
     def datamodule(self, samples: Sequence[Sample], seed: int) -> L.LightningDataModule:
         raise NotImplementedError

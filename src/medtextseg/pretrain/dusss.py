@@ -60,7 +60,9 @@ encoders, SimCLR-style, with gradients through both.
 
 Validation: image -> text retrieval among the distinct Val texts and text -> image
 retrieval over the Val images, scored by text (:mod:`medtextseg.pretrain.retrieval`);
-``val/r1`` (mean of the two R@1) selects ``best.ckpt``. ``val/text_dice`` is the
+``val/r1`` (mean of the two R@1) selects ``best.ckpt`` (``vlm.monitor=text_dice``: the
+text mask's Val Dice instead; on 50 Val images sharing 19 texts R@1 is noisy enough
+that an epoch near the random start can win, and stage 2 consumes the mask). ``val/text_dice`` is the
 text mask's Dice (threshold ``data.threshold``) on the Val images that have a mask.
 """
 
@@ -102,6 +104,8 @@ from medtextseg.pretrain.similarity import (
 from medtextseg.text.augment import augment
 
 Tokenize = Callable[[Sequence[str], int], tuple[Tensor, Tensor]]
+# vlm.monitor -> the logged Val metric that selects best.ckpt and drives early stopping.
+MONITORS = {"r1": "val/r1", "text_dice": "val/text_dice"}
 
 
 def build_vlm(cfg: Config) -> DualEncoderVLM:
@@ -304,6 +308,20 @@ class DuSSSPretrain(PretrainModule):
             raise ValueError(f"vlm.aug_crop_min must be in (0, 1], got {v.aug_crop_min}")
         if d.batch_size < 2:
             raise ValueError("contrastive pre-training needs data.batch_size >= 2 (the batch holds the negatives)")
+        if v.monitor not in MONITORS:
+            raise ValueError(f"vlm.monitor must be one of {', '.join(MONITORS)}, got {v.monitor!r}")
+
+    @classmethod
+    def monitor_for(cls, cfg: Config) -> str:
+        return MONITORS.get(cfg.vlm.monitor, cls.monitor)
+
+    @classmethod
+    def check_samples(cls, cfg: Config, samples: Sequence[Sample]) -> None:
+        if cfg.vlm.monitor == "text_dice":
+            bare = [s.id for s in samples if s.split == "Val" and not s.labeled]
+            if bare or not any(s.split == "Val" for s in samples):
+                raise ValueError(f"vlm.monitor=text_dice selects on the Val masks, but {len(bare)} Val images have "
+                                 f"none (e.g. {', '.join(bare[:3])}); give them masks or use vlm.monitor=r1")
 
     def datamodule(self, samples: Sequence[Sample], seed: int) -> PairDataModule:
         return PairDataModule(samples, self.cfg, self.vlm.tokenize, seed=seed)
