@@ -3,8 +3,12 @@
 Every network follows one contract::
 
     logits = net(images, text)   # images [B, C, H, W] in [0, 1], H and W divisible by 16
+                                 # (32 for the ConvNeXt-based TextMoE networks)
                                  # text [B, L, D] word embeddings, or None for image-only nets
                                  # logits [B, K, H, W]
+
+Networks that use the modality also take ``domain=`` (a LongTensor ``[B]`` of
+domain indices; TextMoE's gates read it as a one-hot indicator).
 
 Build them by name with :func:`build_network`::
 
@@ -37,15 +41,29 @@ from torch import nn
 
 from medtextseg.nets.blocks import check_image_size
 from medtextseg.nets.lvit import PLAM, LViT
+from medtextseg.nets.textmoe import TextMoENet, check_textmoe_size, convnext_widths
 from medtextseg.nets.unet import UNet
 
-__all__ = ["LVIT_DEPTHS", "NETWORK_NAMES", "PLAM", "LViT", "UNet", "build_network"]
+__all__ = [
+    "LVIT_DEPTHS",
+    "NETWORK_NAMES",
+    "PLAM",
+    "TEXTMOE_DECODERS",
+    "LViT",
+    "TextMoENet",
+    "UNet",
+    "build_network",
+]
 
 #: Transformer blocks per ViT module of the LViT sizes (paper §4.4, Table 3).
 LVIT_DEPTHS: dict[str, int] = {"lvit-t": 1, "lvit-s": 4, "lvit-m": 6, "lvit-l": 12}
 
+#: TextMoE networks (ConvNeXt encoder) and their decoders: TMoE (paper §2.2) and
+#: the Plain-MoE of the paper's Table 2 ablation.
+TEXTMOE_DECODERS: dict[str, str] = {"textmoe": "tmoe", "textmoe-plain": "plain"}
+
 #: Names accepted by :func:`build_network`.
-NETWORK_NAMES: tuple[str, ...] = ("unet", *LVIT_DEPTHS)
+NETWORK_NAMES: tuple[str, ...] = ("unet", *LVIT_DEPTHS, *TEXTMOE_DECODERS)
 
 _COMMON_OPTIONS = (
     "in_channels",
@@ -60,6 +78,7 @@ _TEXT_OPTIONS = ("img_size", "text_dim", "text_len", "use_text")
 _EXTRA_OPTIONS = {
     "unet": ("upsample", "num_convs"),
     "lvit": ("num_heads", "mlp_ratio", "dropout"),
+    "textmoe": ("num_domains", "depths", "encoder", "indicator", "drop_path"),
 }
 
 
@@ -69,7 +88,8 @@ def build_network(name: str, **options: Any) -> nn.Module:
     Args:
         name: one of :data:`NETWORK_NAMES` (case-insensitive, ``_`` == ``-``):
             ``unet``, ``lvit-t``, ``lvit-s``, ``lvit-m``, ``lvit-l`` (LViT with
-            1/4/6/12 Transformer blocks per ViT module).
+            1/4/6/12 Transformer blocks per ViT module), ``textmoe`` (ConvNeXt +
+            TMoE decoder) and ``textmoe-plain`` (ConvNeXt + Plain-MoE decoder).
         **options: keyword options, all optional:
             ``in_channels=3``, ``num_classes=1``, ``base_width=64``,
             ``img_size=224`` (int or (H, W), divisible by 16), ``text_dim=768``,
@@ -77,7 +97,13 @@ def build_network(name: str, **options: Any) -> nn.Module:
             modules). LViT also takes ``num_heads``, ``mlp_ratio``, ``dropout``;
             U-Net takes ``upsample`` and ``num_convs``. U-Net is image-only: it
             accepts the text options so configs can switch networks freely, checks
-            ``img_size`` and otherwise ignores them.
+            ``img_size`` and otherwise ignores them. The TextMoE networks
+            (:class:`~medtextseg.nets.textmoe.TextMoENet`) map ``base_width=b`` to
+            the ConvNeXt stage widths ``(b, 2b, 4b, 8b)`` (96: ConvNeXt-Tiny's
+            96/192/384/768; unset: ConvNeXt-Tiny's, or a checkpoint's), need
+            ``img_size`` divisible by 32 and take ``num_domains=1``,
+            ``depths=(3, 3, 9, 3)``, ``encoder=None`` (random init) or
+            ``"hf:<dir>"`` (local ConvNeXt weights), ``indicator`` and ``drop_path``.
 
     Returns:
         The network (an ``nn.Module`` whose ``forward(images, text=None)``
@@ -89,7 +115,7 @@ def build_network(name: str, **options: Any) -> nn.Module:
     key = str(name).strip().lower().replace("_", "-")
     if key not in NETWORK_NAMES:
         raise ValueError(f"unknown network {name!r}; valid names: {', '.join(NETWORK_NAMES)}")
-    family = "unet" if key == "unet" else "lvit"
+    family = "unet" if key == "unet" else "textmoe" if key in TEXTMOE_DECODERS else "lvit"
     valid = _COMMON_OPTIONS + _EXTRA_OPTIONS[family]
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -101,4 +127,12 @@ def build_network(name: str, **options: Any) -> nn.Module:
             check_image_size(options["img_size"])
         image_options = {k: v for k, v in options.items() if k not in _TEXT_OPTIONS}
         return UNet(**image_options)
+    if family == "textmoe":
+        options = dict(options)
+        base_width = options.pop("base_width", None)
+        if base_width is not None:
+            options["widths"] = convnext_widths(base_width)
+        if "img_size" in options:
+            check_textmoe_size(options["img_size"])
+        return TextMoENet(decoder=TEXTMOE_DECODERS[key], **options)
     return LViT(depth=LVIT_DEPTHS[key], **options)
