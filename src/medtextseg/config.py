@@ -63,8 +63,10 @@ class TextConfig:
 
 @dataclass
 class DataConfig:
-    """Input pipeline. ``augment`` is ``none``, ``rotate`` (±``rotate_degrees``) or
-    ``lvit`` (the official LViT recipe: p=0.5 rot90+flip, else p=0.5 rotation).
+    """Input pipeline. ``augment`` is ``none``, ``rotate`` (±``rotate_degrees``),
+    ``lvit`` (the official LViT recipe: p=0.5 rot90+flip, else p=0.5 rotation) or
+    ``resize_crop`` (TextMoE's random resize-and-crop: a crop of a random
+    ``crop_min_scale``-1 of each side at a random position, resized back).
 
     ``rotate`` is the default because flips and quarter turns swap the left/right
     and upper/lower words that the clinical texts depend on.
@@ -82,6 +84,7 @@ class DataConfig:
     num_workers: int = 0
     augment: str = "rotate"
     rotate_degrees: float = 20.0
+    crop_min_scale: float = 0.8
     threshold: float = 0.5
     # Patch protocol (data/module.py, inference.py): train on img_size² random crops of
     # images kept at ``scale`` × their original size (1.0 = native resolution),
@@ -111,7 +114,11 @@ class OptimConfig:
 
     lr: float = 1e-3
     weight_decay: float = 0.0
-    scheduler: str = "cosine_restarts"  # or "none"
+    # "adam" (torch.optim.Adam, L2 penalty weight_decay) or "adamw" (decoupled weight decay).
+    optimizer: str = "adam"
+    # "cosine_restarts" (per epoch, period t0), "cosine" (one cosine from lr to eta_min
+    # over the whole run, per optimizer step) or "none".
+    scheduler: str = "cosine_restarts"
     t0: int = 10
     eta_min: float = 1e-4
     lr_warmup_epochs: float = 0.0
@@ -240,6 +247,26 @@ class DuSSSConfig:
 
 
 @dataclass
+class TextMoEConfig:
+    """TextMoE (``method: textmoe``, :mod:`medtextseg.methods.textmoe`).
+
+    ``cr``: the content regularisation L_cr (Eq. 6-7: the student sees the frequency-
+    exchanged unlabeled image, the teacher the original, Dice + CE against the teacher's
+    hard pseudo labels), weight ``cr_weight`` times the family's ramp; ``false`` trains
+    Mean Teacher's naive teacher-student term instead (Table 2 rows 2-3). ``band``: side
+    of the exchanged centred low-frequency square, as a fraction of the spectrum side.
+    ``diff``: the differential loss L_diff (Eq. 8) on the student's two visual experts of
+    every TMoE layer, weight ``diff_weight`` (not ramped).
+    """
+
+    cr: bool = True
+    cr_weight: float = 1.0
+    band: float = 0.1
+    diff: bool = True
+    diff_weight: float = 0.1
+
+
+@dataclass
 class TrainConfig:
     """Loop, devices and stopping; all handed to Lightning."""
 
@@ -278,6 +305,7 @@ class Config:
     semi: SemiConfig = field(default_factory=SemiConfig)
     vlm: VLMConfig = field(default_factory=VLMConfig)
     dusss: DuSSSConfig = field(default_factory=DuSSSConfig)
+    textmoe: TextMoEConfig = field(default_factory=TextMoEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:

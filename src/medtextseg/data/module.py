@@ -40,7 +40,7 @@ from medtextseg.config import DataConfig
 from medtextseg.data.io import read_image, read_mask
 from medtextseg.data.sample import Sample
 
-AUGMENTATIONS = ("none", "rotate", "lvit")
+AUGMENTATIONS = ("none", "rotate", "lvit", "resize_crop")
 
 
 def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -112,6 +112,10 @@ def build_augmentation(cfg: DataConfig, map_keys: Sequence[str] = ()) -> mt.Comp
     ("upper left lung") in the text. ``map_keys`` name float ``[C, S, S]`` maps
     (pseudo labels, contrastive labels) that must follow the image's geometry;
     they are interpolated bilinearly, masks with nearest neighbour.
+
+    ``resize_crop`` (TextMoE): always a crop of a random fraction in
+    [``crop_min_scale``, 1] of each side (drawn per side) at a random position, resized
+    back to ``img_size``²; no rotation or flip.
     """
     if cfg.augment not in AUGMENTATIONS:
         raise ValueError(f"data.augment must be one of {AUGMENTATIONS}, got {cfg.augment!r}")
@@ -124,6 +128,13 @@ def build_augmentation(cfg: DataConfig, map_keys: Sequence[str] = ()) -> mt.Comp
     if cfg.augment == "none":
         return mt.Compose(crop) if crop else None
     modes = ("bilinear", "nearest", *("bilinear" for _ in map_keys))
+    if cfg.augment == "resize_crop":
+        if not 0 < cfg.crop_min_scale <= 1:
+            raise ValueError(f"data.crop_min_scale must be in (0, 1], got {cfg.crop_min_scale}")
+        return mt.Compose([*crop,
+                           mt.RandScaleCropd(keys, roi_scale=cfg.crop_min_scale, max_roi_scale=1.0, random_size=True,
+                                             allow_missing_keys=True),
+                           mt.Resized(keys, (cfg.img_size, cfg.img_size), mode=modes, allow_missing_keys=True)])
     radians = float(np.deg2rad(cfg.rotate_degrees))
     # Unlabeled images have no "mask": the same transform must skip it, not fail.
     rotate = mt.RandRotated(keys, range_x=radians, prob=0.5, mode=modes, padding_mode="zeros",

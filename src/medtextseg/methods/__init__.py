@@ -8,9 +8,10 @@ from medtextseg.methods.dusss import DuSSS
 from medtextseg.methods.lvit_semi import LViTSemi
 from medtextseg.methods.mean_teacher import MeanTeacher
 from medtextseg.methods.supervised import Supervised
+from medtextseg.methods.textmoe import TextMoE
 
 METHODS: dict[str, type[SegMethod]] = {"supervised": Supervised, "lvit_semi": LViTSemi, "mean_teacher": MeanTeacher,
-                                     "dusss": DuSSS}
+                                     "dusss": DuSSS, "textmoe": TextMoE}
 
 
 def method_class(name: str) -> type[SegMethod]:

@@ -138,28 +138,39 @@ class SegMethod(L.LightningModule):
         self.log("val/iou", iou.mean(), batch_size=n, sync_dist=True)
 
     def configure_optimizers(self):
-        """Adam; the per-epoch schedule (cosine warm restarts, T_0 = ``optim.t0``) times a
-        linear warm-up over the first ``optim.lr_warmup_epochs`` epochs, as one per-step
-        LambdaLR so that neither overwrites the other's learning rate.
+        """Adam (``optim.optimizer: adam``, the default) or AdamW (``adamw``, decoupled weight
+        decay ``optim.weight_decay``); the schedule (cosine warm restarts per epoch, T_0 =
+        ``optim.t0``, the default; or ``cosine``: one cosine from lr to ``eta_min`` over the
+        whole run) times a linear warm-up over the first ``optim.lr_warmup_epochs`` epochs,
+        as one per-step LambdaLR so that neither overwrites the other's learning rate.
 
         Learning rate at optimizer step s of epoch e = floor(s / steps_per_epoch):
-        lr · min(1, (s + 1) / warmup_steps) · c(e) / lr, where c(e) is the cosine
-        restarts value at epoch e (``eta_min`` + (lr - eta_min)(1 + cos(π T_cur / T_0)) / 2).
+        lr · min(1, (s + 1) / warmup_steps) · c / lr, where c is, for ``cosine_restarts``,
+        the cosine restarts value at epoch e (``eta_min`` + (lr - eta_min)(1 + cos(π T_cur / T_0)) / 2)
+        and, for ``cosine``, ``eta_min`` + (lr - eta_min)(1 + cos(π min(s, S) / S)) / 2 with
+        S = steps_per_epoch · ``train.max_epochs`` (PyTorch's CosineAnnealingLR, T_max = S, per step).
         """
         o = self.cfg.optim
-        opt = torch.optim.Adam(self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        if o.scheduler not in ("cosine_restarts", "none"):
-            raise ValueError(f"optim.scheduler must be 'cosine_restarts' or 'none', got {o.scheduler!r}")
+        optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+        if o.optimizer not in optimizers:
+            raise ValueError(f"optim.optimizer must be 'adam' or 'adamw', got {o.optimizer!r}")
+        opt = optimizers[o.optimizer](self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        if o.scheduler not in ("cosine_restarts", "cosine", "none"):
+            raise ValueError(f"optim.scheduler must be 'cosine_restarts', 'cosine' or 'none', got {o.scheduler!r}")
         if o.scheduler == "none" and o.lr_warmup_epochs <= 0:
             return opt
         steps_per_epoch = max(1, self.steps_per_epoch())
         warmup_steps = max(0, round(o.lr_warmup_epochs * steps_per_epoch))
+        total_steps = max(1, steps_per_epoch * max(1, self.cfg.train.max_epochs))
 
         def factor(step: int) -> float:
             f = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
             if o.scheduler == "cosine_restarts":
                 t_cur = (step // steps_per_epoch) % o.t0
                 f *= (o.eta_min + (o.lr - o.eta_min) * (1 + math.cos(math.pi * t_cur / o.t0)) / 2) / o.lr
+            elif o.scheduler == "cosine":
+                t = min(step, total_steps) / total_steps
+                f *= (o.eta_min + (o.lr - o.eta_min) * (1 + math.cos(math.pi * t)) / 2) / o.lr
             return f
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
