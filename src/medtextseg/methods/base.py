@@ -121,10 +121,21 @@ class SegMethod(L.LightningModule):
                 "the last good checkpoint is kept. Lower optim.lr or check the data.")
         return loss
 
+    def step_regulariser(self) -> torch.Tensor | None:
+        """A weighted term on the step's student forward that joins the total of every
+        training step (supervised and semi-supervised), or None (the default). TextMoE's
+        L_diff (Eq. 8) is one; it reads what its forward kept."""
+        return None
+
+    def with_regulariser(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` + :meth:`step_regulariser`, checked finite: the one exit of a training step."""
+        reg = self.step_regulariser()
+        return self.check_finite(loss if reg is None else loss + reg)
+
     def supervised_step(self, batch: dict) -> torch.Tensor:
         """L_sup (Eq. 16) on a labeled batch, logged as ``train/loss``."""
         logits = self(batch["image"], batch["text"])
-        loss = self.check_finite(self.sup_loss(logits, batch["mask"]))
+        loss = self.with_regulariser(self.sup_loss(logits, batch["mask"]))
         self.log("train/loss", loss, batch_size=len(logits), prog_bar=True)
         return loss
 

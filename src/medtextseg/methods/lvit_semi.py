@@ -320,7 +320,7 @@ class LViTSemi(SemiSupervised):
             l_lv = per_image.sum() / valid.sum().clamp_min(1)
             l_unsup = l_unsup + self.cfg.semi.lv_alpha * l_lv
             self.log("train/lv", l_lv, batch_size=len(logits_u))
-        loss = self.check_finite(l_sup + w * l_unsup)
+        loss = self.with_regulariser(l_sup + w * l_unsup)
         b = len(logits)
         self.log("train/loss", loss, batch_size=b, prog_bar=True)
         self.log_dict({"train/sup": l_sup, "train/unsup": l_unsup, "train/w": w}, batch_size=b)

@@ -114,7 +114,7 @@ class MeanTeacher(SemiSupervised):
             tokens = self.text_embedder(unl["text"]) if self.use_text else None
             target = self.pseudo_target(self.teacher(self.teacher_view(unl), tokens), unl)
         l_unsup, parts = self.unsup_loss(logits[n_l:], target, unl)
-        loss = self.check_finite(l_sup + w * l_unsup)
+        loss = self.with_regulariser(l_sup + w * l_unsup)
         self.log("train/loss", loss, batch_size=len(logits), prog_bar=True)
         self.log_dict({"train/sup": l_sup, **parts, "train/w": w}, batch_size=len(logits))
         return loss

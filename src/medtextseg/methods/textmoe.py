@@ -38,8 +38,8 @@ How the pieces reach the reused Mean Teacher step (which is not copied):
 ``training_step`` records the batch's domains; :meth:`_net_forward` (the student's
 forward) passes them to the network with ``return_aux=True`` and keeps the expert
 outputs; the teacher is wrapped (:class:`DomainBound`) so that its call in the step
-gets the unlabeled images' domains; and λ·L_diff joins the total at the step's one exit,
-:meth:`check_finite`, so ``train/loss`` is the whole Eq. 9. Logged: ``train/sup``,
+gets the unlabeled images' domains; and λ·L_diff joins the total through the family's
+:meth:`step_regulariser` hook, so ``train/loss`` is the whole Eq. 9. Logged: ``train/sup``,
 ``train/cr`` (or ``train/consistency``), ``train/diff``, ``train/w``, ``train/loss``.
 
 Optimiser (paper tier): AdamW, lr 3e-4 → 1e-6 along one cosine over the run
@@ -142,7 +142,7 @@ class TextMoE(MeanTeacher):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """The family's step (L_sup + w · L_unsup) with the domains wired in and λ · L_diff
-        added at :meth:`check_finite`."""
+        added by :meth:`step_regulariser`."""
         lab, unl = batch["labeled"], batch.get("unlabeled")
         parts = [lab] if unl is None else [lab, unl]
         self._domain = torch.cat([self._batch_domain(p) for p in parts])
@@ -160,15 +160,14 @@ class TextMoE(MeanTeacher):
         finally:
             self._domain = None
 
-    def check_finite(self, loss: torch.Tensor) -> torch.Tensor:
-        """The family's step passes its total here once: with ``textmoe.diff`` add
-        ``diff_weight`` · L_diff of this step's student forward (Eq. 8-9)."""
-        if self._capture and self._experts is not None:
-            l_diff = differential_loss(self._experts)
-            self._experts = None
-            loss = loss + self.cfg.textmoe.diff_weight * l_diff
-            self.log("train/diff", l_diff, batch_size=len(self._domain) if self._domain is not None else None)
-        return super().check_finite(loss)
+    def step_regulariser(self) -> torch.Tensor | None:
+        """With ``textmoe.diff``: ``diff_weight`` · L_diff of this step's student forward (Eq. 8-9)."""
+        if not (self._capture and self._experts is not None):
+            return None
+        l_diff = differential_loss(self._experts)
+        self._experts = None
+        self.log("train/diff", l_diff, batch_size=len(self._domain) if self._domain is not None else None)
+        return self.cfg.textmoe.diff_weight * l_diff
 
     # -- hooks -----------------------------------------------------------------------------
     def student_view(self, unl: dict) -> torch.Tensor:
