@@ -283,6 +283,21 @@ def _resume_state(cfg: Config, data: Path | None, out: Path,
     return data, run_info, None
 
 
+def _start_state(cfg: Config, data: Path | None, out: Path, resume: bool,
+                 evaluate_finished: Callable[[Path, Path], dict]) -> tuple[Path | None, dict | None, dict | None]:
+    """``(data, run_info, finished)`` at the start of :func:`train` / :func:`pretrain`: on
+    resume :func:`_resume_state`'s answer; ``finished`` is not None when nothing is left to
+    do, else ``data`` is the dataset to train on."""
+    run_info = finished = None
+    if resume:
+        data, run_info, finished = _resume_state(cfg, data, out, evaluate_finished)
+        if finished is not None:
+            return data, run_info, finished
+    if data is None:
+        raise RunError("no dataset given; pass --data")
+    return Path(data), run_info, None
+
+
 def _checked_data(cfg: Config, data: Path, out: Path, *, resume: bool, run_info: dict | None,
                   require_masks_in: tuple[str, ...] = ("Val", "Test")) -> tuple[list[Sample], str]:
     """Validate the training data (Train and Val needed) and, on resume, check it is the
@@ -516,14 +531,9 @@ def train(cfg: Config, data: Path | None, out: Path, *, vlm: Path | None = None,
     """
     out = Path(out)
     _refuse_pretrain_preset(cfg)
-    run_info = None
-    if resume:
-        data, run_info, finished = _resume_state(cfg, data, out, _evaluate_finished)
-        if finished is not None:
-            return finished
-    if data is None:
-        raise RunError("no dataset given; pass --data")
-    data = Path(data)
+    data, run_info, finished = _start_state(cfg, data, out, resume, _evaluate_finished)
+    if finished is not None:
+        return finished
     method_cls = method_class(cfg.method)
     method_cls.check_config(cfg)
     check_trainer_options(cfg.train)
@@ -590,14 +600,9 @@ def pretrain(cfg: Config, data: Path | None, out: Path, *, resume: bool = False,
     if not cfg.pretrain:
         raise RunError(f"preset {cfg.preset!r} trains a segmentation method ({cfg.method}), not a "
                        f"vision-language model; run `medtextseg train --preset {cfg.preset}` instead of `pretrain`")
-    run_info = None
-    if resume:
-        data, run_info, finished = _resume_state(cfg, data, out, _evaluate_pretrained_finished)
-        if finished is not None:
-            return finished
-    if data is None:
-        raise RunError("no dataset given; pass --data")
-    data = Path(data)
+    data, run_info, finished = _start_state(cfg, data, out, resume, _evaluate_pretrained_finished)
+    if finished is not None:
+        return finished
     module_cls = pretrain_class(cfg.pretrain)
     module_cls.check_config(cfg)
     check_trainer_options(cfg.train)
