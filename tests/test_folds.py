@@ -170,7 +170,7 @@ def test_manifest_keeps_unlabeled_in_train(tmp_path):
     for path in write_fold_manifests(data / "all.csv", 3, 0, tmp_path / "folds"):
         got = read_dataset(path)
         assert all(s.labeled for s in got if s.split == "Val")
-        assert {s.id for s in got if not s.labeled} == {"i6", "i7"}
+        assert {s.id for s in got if not s.labeled} == {"right/i6", "left/i7"}  # several domains: qualified ids
         assert all(s.split == "Train" for s in got if not s.labeled)
         assert {s.domain for s in got} == {"left", "right"}
         assert len(got) == 8

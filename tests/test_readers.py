@@ -347,11 +347,12 @@ def test_csv_manifest(tmp_path):
     ], header=("Image", "mask", "text", "split", "domain"))
     samples, problems = read_dataset_with_problems(manifest)
     assert problems == []
+    # Three domains: the ids are qualified by domain.
     assert samples == [
-        Sample("a", base / "images" / "a.png", base / "masks" / "a.png", "first", "Train",
+        Sample("mydata/a", base / "images" / "a.png", base / "masks" / "a.png", "first", "Train",
                "mydata"),
-        Sample("b", base / "images" / "b.jpg", None, "unlabeled one", "Train", "xray"),
-        Sample("c", base / "images" / "c.png", base / "masks" / "c.png", "third", "Test", "ct"),
+        Sample("xray/b", base / "images" / "b.jpg", None, "unlabeled one", "Train", "xray"),
+        Sample("ct/c", base / "images" / "c.png", base / "masks" / "c.png", "third", "Test", "ct"),
     ]
     assert [s.domain for s in read_dataset(manifest, domain="d")] == ["d", "xray", "ct"]
 

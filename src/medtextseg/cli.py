@@ -192,29 +192,38 @@ def _print_notes(notes: list[str]) -> None:
 @app.command("check-data")
 @friendly
 def check_data(
-    data: Annotated[Path, typer.Argument(help="Dataset folder (LViT layout) or CSV manifest.")],
+    data: Annotated[list[str], typer.Argument(help="Dataset folder (LViT layout) or CSV manifest; several (or "
+                                              "NAME=PATH) make a composite dataset, one domain each.")],
     num_classes: Annotated[int, typer.Option(help="1 for binary masks ({0,255} or {0,1}); K >= 2 for label maps "
                                              "with class ids 0..K-1 (0 = background), as data.num_classes.")] = 1,
     need: Annotated[list[str], typer.Option(help="Splits that must exist and hold images (repeatable); "
                                             "training needs Train and Val.")] = ["Train", "Val"],  # noqa: B006
 ):
     """Validate a dataset and list every problem with its file and the fix."""
+    from medtextseg.data.sources import DataSources, domain_names
     from medtextseg.data.validation import check_split_names, dataset_notes, validate_dataset
 
     need = check_split_names(need)
-    samples = validate_dataset(data, num_classes=num_classes, need_splits=need)
-    table = Table(title=f"{data}: OK")
-    for col in ("split", "images", "labeled", "unique texts"):
-        table.add_column(col)
-    for split in ("Train", "Val", "Test"):
-        sub = [s for s in samples if s.split == split]
-        if sub:
-            table.add_row(split, str(len(sub)), str(sum(s.labeled for s in sub)), str(len({s.text for s in sub})))
-    console.print(table)
-    _print_notes(dataset_notes(samples, data=data, need_splits=need))
+    sources = DataSources.parse(data)
+    samples = validate_dataset(sources, num_classes=num_classes, need_splits=need)
+    domains = domain_names(samples)
+    for domain in domains:
+        title = f"{sources}: OK" if len(domains) == 1 else f"domain {domain}"
+        table = Table(title=title)
+        for col in ("split", "images", "labeled", "unique texts"):
+            table.add_column(col)
+        for split in ("Train", "Val", "Test"):
+            sub = [s for s in samples if s.split == split and s.domain == domain]
+            if sub:
+                table.add_row(split, str(len(sub)), str(sum(s.labeled for s in sub)),
+                              str(len({s.text for s in sub})))
+        console.print(table)
+    if len(domains) > 1:
+        console.print(f"{sources}: OK ({len(domains)} domains, {len(samples)} images)")
+    _print_notes(dataset_notes(samples, data=sources, need_splits=need))
 
 
-def _run_config(ctx: typer.Context, preset: str | None, data: Path | None, out: Path | None, tier: str,
+def _run_config(ctx: typer.Context, preset: str | None, data: list[str] | None, out: Path | None, tier: str,
                 labeled_ratio: float | None, labeled_ids: Path | None, set_: list[str] | None, resume: bool,
                 trainer: dict):
     """The config and run directory of ``train`` / ``pretrain``: the saved config with
@@ -237,7 +246,7 @@ def _run_config(ctx: typer.Context, preset: str | None, data: Path | None, out: 
         return cfg, out
     if preset is None:
         raise ValueError("--preset is required (see `medtextseg models`)")
-    if data is None:
+    if not data:
         raise ValueError("--data is required: a dataset folder (LViT layout) or a CSV manifest")
     cfg = load_preset(preset, tier, overrides)
     if out is None:
@@ -251,8 +260,9 @@ def _run_config(ctx: typer.Context, preset: str | None, data: Path | None, out: 
 def train(
     ctx: typer.Context,
     preset: Annotated[str | None, typer.Option(help="Preset name (see `medtextseg models`); not needed with --resume.")] = None,
-    data: Annotated[Path | None, typer.Option(help="Dataset folder (LViT layout) or CSV manifest "
-                                              "(with --resume: default the run's).")] = None,
+    data: Annotated[list[str] | None, typer.Option(help="Dataset folder (LViT layout) or CSV manifest; repeat it "
+                                                   "(or NAME=PATH) for a composite dataset, one domain per root "
+                                                   "(with --resume: default the run's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory to create (default: "
                                              "runs/<preset>-<tier>\\[-r<ratio>]-s<seed>).")] = None,
     tier: Annotated[str, typer.Option(help="smoke (seconds) | cpu (minutes on 2 cores) | paper (the paper's setting).")] = "cpu",
@@ -281,7 +291,7 @@ def train(
                             "num_nodes": num_nodes, "precision": precision, "seed": seed})
     # CPU training re-faults its activations every step unless glibc keeps freed memory.
     keep_freed_memory()
-    metrics = run_train(cfg, data, out, vlm=vlm, resume=resume, overwrite=overwrite)
+    metrics = run_train(cfg, data or None, out, vlm=vlm, resume=resume, overwrite=overwrite)
     if metrics:
         _print_metrics(metrics, f"{out}")
 
@@ -291,8 +301,9 @@ def train(
 def pretrain(
     ctx: typer.Context,
     preset: Annotated[str | None, typer.Option(help="Pre-training preset (e.g. dusss-vlm); not needed with --resume.")] = None,
-    data: Annotated[Path | None, typer.Option(help="Dataset folder (LViT layout) or CSV manifest; masks are optional "
-                                              "(with --resume: default the run's).")] = None,
+    data: Annotated[list[str] | None, typer.Option(help="Dataset folder (LViT layout) or CSV manifest; masks are "
+                                                   "optional; repeat it (or NAME=PATH) for a composite dataset "
+                                                   "(with --resume: default the run's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory to create (default: runs/<preset>-<tier>-s<seed>).")] = None,
     tier: Annotated[str, typer.Option(help="smoke (seconds) | cpu (minutes on 2 cores) | paper (the paper's setting).")] = "cpu",
     labeled_ratio: Annotated[float | None, typer.Option(help="Masks the VLM may learn from (vlm.mask_supervision): those "
@@ -322,12 +333,14 @@ def pretrain(
         raise ValueError(f"preset {cfg.preset!r} trains a segmentation method, not a vision-language model: run "
                          f"`medtextseg train --preset {cfg.preset}` instead of `pretrain`")
     keep_freed_memory()
-    metrics = run_pretrain(cfg, data, out, resume=resume, overwrite=overwrite)
+    metrics = run_pretrain(cfg, data or None, out, resume=resume, overwrite=overwrite)
     if metrics:
         _print_retrieval(metrics, f"{out}")
 
 
 def _print_retrieval(metrics: dict, title: str) -> None:
+    from medtextseg.data.fingerprint import data_label
+
     table = Table(title=title)
     for col in ("split", "images", "texts", "I→T R@1 %", "I→T R@5 %", "T→I R@1 %", "T→I R@5 %",
                 "text-mask Dice %", "data"):
@@ -336,7 +349,7 @@ def _print_retrieval(metrics: dict, title: str) -> None:
         if not isinstance(m, dict) or "i2t_r1" not in m:
             continue
         d = m.get("data") or {}
-        where = f"{Path(d['path']).name} ({d['fingerprint'][:8]})" if d else "—"
+        where = data_label(d) if d else "—"
         dice = f"{100 * m['text_dice']:.2f} ({m['n_masks']})" if "text_dice" in m else "—"
         table.add_row(split, str(m["n"]), str(m["n_texts"]),
                       *(f"{100 * m[k]:.2f}" for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")), dice, where)
@@ -344,6 +357,8 @@ def _print_retrieval(metrics: dict, title: str) -> None:
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
+    from medtextseg.data.fingerprint import data_label
+
     table = Table(title=title)
     for col in ("split", "images", "Dice %", "IoU %", "Dice % (orig.)", "IoU % (orig.)", "data"):
         table.add_column(col, justify="right")
@@ -351,7 +366,7 @@ def _print_metrics(metrics: dict, title: str) -> None:
         if not isinstance(m, dict) or "dice" not in m:
             continue
         d = m.get("data") or {}
-        where = f"{Path(d['path']).name} ({d['fingerprint'][:8]})" if d else "—"
+        where = data_label(d) if d else "—"
         table.add_row(split, str(m["n"]), *(f"{100 * m[k]:.2f}" for k in ("dice", "iou", "dice_orig", "iou_orig")),
                       where)
     console.print(table)
@@ -361,7 +376,8 @@ def _print_metrics(metrics: dict, title: str) -> None:
 @friendly
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory or .ckpt file.")],
-    data: Annotated[Path | None, typer.Option(help="Dataset folder or CSV manifest (default: the run's).")] = None,
+    data: Annotated[list[str] | None, typer.Option(help="Dataset folder or CSV manifest, repeatable for a composite "
+                                                   "dataset (default: the run's).")] = None,
     split: Annotated[list[str], typer.Option(help="Split(s) to score (repeatable): Train, Val or Test.")] = ["Test"],  # noqa: B006
     out: Annotated[Path | None, typer.Option(help="Folder for metrics.json and per_image.csv (default: the run's "
                                              "own files for the run's data, else <run>/evaluations/<data>-<fp>/).")] = None,
@@ -381,7 +397,7 @@ def evaluate(
         info = run_dir / RUN_FILE
         if not info.is_file():
             raise ValueError(f"{run_dir} has no {RUN_FILE}; pass --data")
-        data = Path(json.loads(info.read_text())["data"])
+        data = json.loads(info.read_text())["data"]
     metrics = run_eval(run, data, splits=splits, out=out, device=device)
     shown = {k: v for k, v in metrics.items() if k in splits}
     if any(isinstance(v, dict) and "i2t_r1" in v for v in shown.values()):
@@ -405,12 +421,14 @@ def predict(
                                             "Deletes nothing else: an --out that holds other files is refused.")] = False,
     device: Annotated[str, typer.Option(help="auto (a GPU when there is one) | cpu | cuda | cuda:N.")] = "auto",
     batch_size: Annotated[int | None, typer.Option(help="Images per forward pass (default: the run's eval batch size); windows per pass for a patch-trained run.")] = None,
+    domain: Annotated[str | None, typer.Option(help="The images' domain, one of the run's data.domains: needed for "
+                                               "a run trained on several (composite data).")] = None,
 ):
     """Predict a mask (original size) and an overlay PNG for every image."""
     from medtextseg.predict import predict as run_predict
 
     written = run_predict(run, images, out, texts=texts, text=text, overwrite=overwrite, device=device,
-                          batch_size=batch_size)
+                          batch_size=batch_size, domain=domain)
     console.print(f"wrote {len(written)} masks to {out / 'masks'} and overlays to {out / 'overlays'}")
 
 
@@ -419,7 +437,8 @@ def predict(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories to compare.")],
     out: Annotated[Path, typer.Option(help="Folder for report.md and overlays.png.")],
-    data: Annotated[Path | None, typer.Option(help="Dataset for the overlay grid (default: the first run's).")] = None,
+    data: Annotated[list[str] | None, typer.Option(help="Dataset for the overlay grid, repeatable for a composite "
+                                                   "dataset (default: the first run's).")] = None,
     split: Annotated[str, typer.Option(help="Split to report.")] = "Test",
     n_images: Annotated[int, typer.Option(help="Rows in the overlay grid.")] = 6,
 ):
@@ -428,7 +447,7 @@ def report(
     from medtextseg.report import report as run_report
 
     (split,) = check_split_names([split])
-    md = run_report(runs, out, data=data, split=split, n_images=n_images)
+    md = run_report(runs, out, data=data or None, split=split, n_images=n_images)
     console.print(md.read_text(), markup=False, highlight=False)
 
 
@@ -440,7 +459,7 @@ def models(
 ):
     """Table of presets: network, parameters and GFLOPs at the preset's input size."""
     from medtextseg.config import load_preset, preset_names
-    from medtextseg.nets import build_network
+    from medtextseg.methods.base import network_from_config
     from medtextseg.nets.profile import count_gflops, count_parameters
     from medtextseg.text import build_text_encoder
 
@@ -457,9 +476,7 @@ def models(
                           f"{cfg.data.img_size}²", f"{count_parameters(module) / 1e6:.2f}", "—")
             continue
         text_dim = build_text_encoder(cfg.text.encoder, max_len=cfg.text.max_len, dim=cfg.text.dim).dim
-        net = build_network(cfg.network.name, in_channels=cfg.data.in_channels, num_classes=cfg.data.num_classes,
-                            base_width=cfg.network.base_width, img_size=cfg.data.img_size, text_dim=text_dim,
-                            text_len=cfg.text.max_len, use_text=cfg.network.use_text)
+        net = network_from_config(cfg, text_dim)
         g = count_gflops(net, img_size=(cfg.data.img_size, cfg.data.img_size), in_channels=cfg.data.in_channels,
                          text_len=cfg.text.max_len, text_dim=text_dim) if gflops else float("nan")
         table.add_row(name, cfg.method, cfg.network.name, cfg.text.encoder if cfg.network.use_text else "—",

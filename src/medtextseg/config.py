@@ -46,6 +46,10 @@ class NetworkConfig:
     name: str = "lvit-t"
     base_width: int = 64
     use_text: bool = True
+    # Further keyword options of the network's family (build_network documents them), e.g.
+    # TextMoE's {depths: [3, 3, 9, 3], encoder: "hf:<dir>", indicator: false, drop_path: 0.1}.
+    # The modality indicator's length is not one of them: it is len(data.domains).
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -100,6 +104,15 @@ class DataConfig:
     # labeled Train images, or of the ids listed in ``labeled_ids`` (a file).
     labeled_ratio: float = 1.0
     labeled_ids: str = ""
+    # Composite data (data/sources.py, one domain per --data root): the domain names in
+    # the order of the modality indicator (TextMoE's one-hot); empty = the sorted domains
+    # of the training data, which `train` writes to config.yaml.
+    domains: list = field(default_factory=list)
+    # Domain balance of a training epoch (data/module.py): "balance" repeats each domain's
+    # images round(n_largest / n_domain) times (TextMoE oversampled MosMedData+ x3 beside
+    # QaTa: round(7145 / 2729) = 3), "none" takes every image once, "ct=3,cxr=1" sets the
+    # factors. The labeled and the unlabeled sets are balanced separately.
+    oversample: str = "balance"
 
 
 @dataclass
@@ -358,6 +371,11 @@ def _coerce(current: Any, value: Any, path: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{path} expects true/false, got {value!r}")
         return value
+    if isinstance(current, dict) and isinstance(value, dict):
+        # --set network.options.drop_path=0.1 adds one option; it does not drop the others.
+        return {**current, **value}
+    if isinstance(current, list) and not isinstance(value, list):
+        raise ConfigError(f"{path} expects a list, got {value!r} (e.g. --set {path}=[a,b])")
     if isinstance(current, float) and isinstance(value, int):
         return float(value)
     if isinstance(current, (int, float, str)) and type(current) is not type(value):

@@ -26,6 +26,7 @@ checkpointing, early stopping and logging; this module only wires them.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -44,16 +45,18 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from medtextseg.config import Config, ConfigError, read_config, save_config
-from medtextseg.data.fingerprint import dataset_fingerprint, dataset_root, describe_data
+from medtextseg.data.fingerprint import dataset_fingerprint, describe_data
 from medtextseg.data.io import read_mask
 from medtextseg.data.module import (
     SegDataModule,
+    domain_index,
     eval_batch_size,
     make_dataset,
     make_loader,
     mask_to_labels,
 )
 from medtextseg.data.sample import Sample
+from medtextseg.data.sources import DataArg, DataSources, domain_names
 from medtextseg.data.splits import SPLIT_FILE, LabeledSplit, apply_split, make_split
 from medtextseg.data.validation import check_split_names, dataset_notes, validate_dataset
 from medtextseg.methods import SegMethod, method_class
@@ -237,8 +240,9 @@ def _has_checkpoint(out: Path) -> bool:
     return any((out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else False
 
 
-def _resume_state(cfg: Config, data: Path | None, out: Path,
-                  evaluate_finished: Callable[[Path, Path], dict]) -> tuple[Path | None, dict | None, dict | None]:
+def _resume_state(cfg: Config, data: DataArg | None, out: Path,
+                  evaluate_finished: Callable[[Path, DataSources], dict]
+                  ) -> tuple[DataArg | None, dict | None, dict | None]:
     """The checks and messages of ``--resume`` that every kind of run shares.
 
     Returns ``(data, run_info, metrics)``: ``data`` defaults to the run's; ``metrics``
@@ -254,7 +258,8 @@ def _resume_state(cfg: Config, data: Path | None, out: Path,
     if data is None:
         if not run_info:
             raise RunError(f"{out}/{RUN_FILE} is missing; pass --data to resume")
-        data = Path(run_info["data"])
+        data = run_info["data"]
+    data = DataSources.parse(data)
     done = (run_info or {}).get("finished")
     if done:
         raised = done["reason"] == "max_epochs" and cfg.train.max_epochs > done["epochs"]
@@ -267,7 +272,7 @@ def _resume_state(cfg: Config, data: Path | None, out: Path,
                          ". Raise train.max_epochs (--set train.max_epochs=N) to train it further")
                 return data, run_info, json.loads((out / METRICS_FILE).read_text())
             log.info("%s finished training (%s) but was never evaluated: evaluating it", out, how)
-            return data, run_info, evaluate_finished(out, Path(data))
+            return data, run_info, evaluate_finished(out, data)
         log.info("%s: train.max_epochs raised from %d to %d: continuing training",
                  out, done["epochs"], cfg.train.max_epochs)
     last = out / "checkpoints" / f"{LAST}.ckpt"
@@ -283,7 +288,7 @@ def _resume_state(cfg: Config, data: Path | None, out: Path,
     return data, run_info, None
 
 
-def _start_state(cfg: Config, data: Path | None, out: Path, resume: bool,
+def _start_state(cfg: Config, data: DataArg | None, out: Path, resume: bool,
                  evaluate_finished: Callable[[Path, Path], dict]) -> tuple[Path | None, dict | None, dict | None]:
     """``(data, run_info, finished)`` at the start of :func:`train` / :func:`pretrain`: on
     resume :func:`_resume_state`'s answer; ``finished`` is not None when nothing is left to
@@ -295,10 +300,13 @@ def _start_state(cfg: Config, data: Path | None, out: Path, resume: bool,
             return data, run_info, finished
     if data is None:
         raise RunError("no dataset given; pass --data")
-    return Path(data), run_info, None
+    try:
+        return DataSources.parse(data), run_info, None
+    except ValueError as e:
+        raise RunError(str(e)) from None
 
 
-def _checked_data(cfg: Config, data: Path, out: Path, *, resume: bool, run_info: dict | None,
+def _checked_data(cfg: Config, data: DataSources, out: Path, *, resume: bool, run_info: dict | None,
                   require_masks_in: tuple[str, ...] = ("Val", "Test")) -> tuple[list[Sample], str]:
     """Validate the training data (Train and Val needed) and, on resume, check it is the
     run's. Returns ``(samples, fingerprint)``."""
@@ -311,6 +319,20 @@ def _checked_data(cfg: Config, data: Path, out: Path, *, resume: bool, run_info:
         raise RunError(f"cannot resume {out} on {data}: its files differ from the data the run started on "
                        f"({run_info.get('data')}, fingerprint {run_info['data_fingerprint']} != {fingerprint})")
     return all_samples, fingerprint
+
+
+def _with_domains(cfg: Config, samples: list[Sample], data: DataSources) -> Config:
+    """``cfg`` with ``data.domains`` (the modality indicator's order, saved in config.yaml):
+    the data's sorted domain names when unset; a set list must name every domain of the data."""
+    names = domain_names(samples)
+    if not cfg.data.domains:
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, domains=names))
+    missing = [n for n in names if n not in cfg.data.domains]
+    if missing:
+        raise RunError(f"{data}: domain(s) {', '.join(missing)} are not in data.domains "
+                       f"({', '.join(cfg.data.domains)}); add them (--set data.domains=[...]) or name the roots "
+                       "after the listed domains (--data NAME=PATH)")
+    return cfg
 
 
 def _labeled_split(cfg: Config, out: Path, all_samples: list[Sample], *,
@@ -511,7 +533,7 @@ def _pretrained_record(ckpt: Path, run: Path) -> dict:
             "data": info.get("data"), "data_fingerprint": info.get("data_fingerprint")}
 
 
-def train(cfg: Config, data: Path | None, out: Path, *, vlm: Path | None = None, resume: bool = False,
+def train(cfg: Config, data: DataArg | None, out: Path, *, vlm: Path | None = None, resume: bool = False,
           overwrite: bool = False, progress: bool = True, extra_callbacks: list | None = None) -> dict:
     """Validate the data, train, then evaluate the best checkpoint on Val (and Test).
 
@@ -531,6 +553,10 @@ def train(cfg: Config, data: Path | None, out: Path, *, vlm: Path | None = None,
     """
     out = Path(out)
     _refuse_pretrain_preset(cfg)
+    if resume and not cfg.data.domains and (out / CONFIG_FILE).is_file():
+        # The domains are derived at the start of a run: a resumed one keeps its own.
+        saved = read_config(out / CONFIG_FILE).data.domains
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, domains=saved))
     data, run_info, finished = _start_state(cfg, data, out, resume, _evaluate_finished)
     if finished is not None:
         return finished
@@ -538,6 +564,7 @@ def train(cfg: Config, data: Path | None, out: Path, *, vlm: Path | None = None,
     method_cls.check_config(cfg)
     check_trainer_options(cfg.train)
     all_samples, fingerprint = _checked_data(cfg, data, out, resume=resume, run_info=run_info)
+    cfg = _with_domains(cfg, all_samples, data)
     split, samples = _labeled_split(cfg, out, all_samples, resume=resume)
     if not any(s.split == "Train" and s.labeled for s in samples):
         raise RunError(f"{data} has no labeled Train images to train on")
@@ -567,7 +594,7 @@ def _fit(cfg, data, out, trainer, early, samples, all_samples, split, fingerprin
             export_pretrained(ckpt, vlm_run / CONFIG_FILE, vlm_run / RUN_FILE, out / PRETRAINED_DIR)
             extra["vlm"] = _pretrained_record(ckpt, vlm_run)
         _start_run_files(cfg, out, resume=resume, run_info=run_info, split=split, new_info=lambda: {
-            "data": str(data.resolve()), "data_fingerprint": fingerprint, "text_spec": spec,
+            "data": data.record(), "data_fingerprint": fingerprint, "text_spec": spec,
             "text_state": encoder.state(), "text_dim": encoder.dim, **extra})
     dm = SegDataModule(samples, encoder, cfg.data, seed=cfg.train.seed, unlabeled_keys=method_cls.unlabeled_keys,
                        withheld=all_samples)
@@ -578,7 +605,7 @@ def _fit(cfg, data, out, trainer, early, samples, all_samples, split, fingerprin
     return evaluate(out, data, splits=splits, samples=all_samples, encoder=encoder)
 
 
-def pretrain(cfg: Config, data: Path | None, out: Path, *, resume: bool = False, overwrite: bool = False,
+def pretrain(cfg: Config, data: DataArg | None, out: Path, *, resume: bool = False, overwrite: bool = False,
              progress: bool = True, extra_callbacks: list | None = None) -> dict:
     """Pre-train a vision-language model (``cfg.pretrain``, DESIGN §2), then evaluate its best
     checkpoint on Val (and Test): retrieval both ways and text-mask Dice.
@@ -623,7 +650,7 @@ def pretrain(cfg: Config, data: Path | None, out: Path, *, resume: bool = False,
     def body(child: bool) -> dict:
         if not child:
             _start_run_files(cfg, out, resume=resume, run_info=run_info, split=split, new_info=lambda: {
-                "kind": module_cls.kind, "pretrain": cfg.pretrain, "data": str(data.resolve()),
+                "kind": module_cls.kind, "pretrain": cfg.pretrain, "data": data.record(),
                 "data_fingerprint": fingerprint, **module.run_info(), "train_masks": n_masks})
         dm = module.datamodule(samples, seed=cfg.train.seed)
         if not _fit_and_finish(trainer, module, dm, out, early, resume=resume):
@@ -634,7 +661,7 @@ def pretrain(cfg: Config, data: Path | None, out: Path, *, resume: bool = False,
     return _in_run_dir(out, resume=resume, overwrite=overwrite, body=body)
 
 
-def _evaluate_pretrained_finished(out: Path, data: Path) -> dict:
+def _evaluate_pretrained_finished(out: Path, data: DataArg) -> dict:
     all_samples = validate_dataset(data, num_classes=read_config(out / CONFIG_FILE).data.num_classes,
                                    need_splits=TRAIN_SPLITS, require_masks_in=())
     splits = [s for s in ("Val", "Test") if any(x.split == s for x in all_samples)]
@@ -647,7 +674,7 @@ def is_pretrain_run(run_or_ckpt: Path) -> bool:
     return (_read_run_info(run) or {}).get("kind") == "vlm"
 
 
-def evaluate_pretrained(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] = ("Test",),
+def evaluate_pretrained(run_or_ckpt: Path, data: DataArg, splits: list[str] | tuple[str, ...] = ("Test",),
                         samples: list[Sample] | None = None, *, out: Path | None = None,
                         device: str = "auto") -> dict:
     """Score a pre-trained VLM's best checkpoint on ``splits`` of ``data``.
@@ -701,7 +728,7 @@ def evaluate_pretrained(run_or_ckpt: Path, data: Path, splits: list[str] | tuple
     return metrics
 
 
-def _evaluate_finished(out: Path, data: Path) -> dict:
+def _evaluate_finished(out: Path, data: DataArg) -> dict:
     all_samples = validate_dataset(data, num_classes=read_config(out / CONFIG_FILE).data.num_classes,
                                    need_splits=TRAIN_SPLITS)
     splits = [s for s in ("Val", "Test") if any(x.split == s for x in all_samples)]
@@ -772,7 +799,9 @@ def load_run(run_or_ckpt: Path, device: str | torch.device = "cpu") -> tuple[Seg
 def predict_logits(method: SegMethod, loader, on_batch: Callable[[dict, torch.Tensor], None]) -> None:
     device = method.device
     for batch in loader:
-        logits = method.infer(batch["image"].to(device), batch["text"].to(device)).float().cpu()
+        domain = batch.get("domain")
+        logits = method.infer(batch["image"].to(device), batch["text"].to(device),
+                              None if domain is None else domain.to(device)).float().cpu()
         on_batch(batch, logits)
 
 
@@ -787,17 +816,20 @@ def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-def evaluation_dir(run: Path, data: Path, fingerprint: str) -> Path:
-    """Where figures on data other than the run's own go: ``<run>/evaluations/<name>-<fp8>/``."""
-    return Path(run) / EVAL_DIR / f"{dataset_root(data).name}-{fingerprint[:8]}"
+def evaluation_dir(run: Path, data: DataArg, fingerprint: str) -> Path:
+    """Where figures on data other than the run's own go: ``<run>/evaluations/<name>-<fp8>/``
+    (``<name>``: the dataset folder's name, or ``cxr+ct`` for several roots)."""
+    return Path(run) / EVAL_DIR / f"{DataSources.parse(data).label}-{fingerprint[:8]}"
 
 
-def _figures_target(run: Path, data: Path, fingerprint: str, info: dict, out: Path | None) -> tuple[Path, dict]:
+def _figures_target(run: Path, data: DataArg, fingerprint: str, info: dict,
+                    out: Path | None) -> tuple[Path, dict]:
     """Where figures on ``data`` go (the run itself for its own data, else ``out`` or
     :func:`evaluation_dir`) and the figures already there that are on the same data."""
     if out is None:
         own = info.get("data_fingerprint") in (None, fingerprint) and (
-            info.get("data_fingerprint") is not None or Path(info.get("data", "")) == Path(data).resolve())
+            info.get("data_fingerprint") is not None
+            or ("data" in info and DataSources.parse(info["data"]) == DataSources.parse(data)))
         target = run if own else evaluation_dir(run, data, fingerprint)
     else:
         target = Path(out)
@@ -810,7 +842,7 @@ def _figures_target(run: Path, data: Path, fingerprint: str, info: dict, out: Pa
     return target, metrics
 
 
-def evaluate(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] = ("Test",),
+def evaluate(run_or_ckpt: Path, data: DataArg, splits: list[str] | tuple[str, ...] = ("Test",),
              samples: list[Sample] | None = None, *, out: Path | None = None, device: str = "auto",
              encoder=None) -> dict:
     """Score the run's best checkpoint on ``splits`` of ``data``.
@@ -838,6 +870,10 @@ def evaluate(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] 
     if samples is None:
         samples = validate_dataset(data, num_classes=cfg.data.num_classes, require_masks_in=tuple(splits),
                                    need_splits=tuple(splits))
+    try:
+        domain_index([s for s in samples if s.split in splits], cfg.data.domains)
+    except ValueError as e:
+        raise RunError(f"{DataSources.parse(data)}: {e}") from None
     info = _read_run_info(run) or {}
     fingerprint = dataset_fingerprint(samples, data)
     target, metrics = _figures_target(run, data, fingerprint, info, out)
@@ -860,13 +896,12 @@ def evaluate(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] 
                 gt = torch.from_numpy(mask_to_labels(read_mask(s.mask_path), k)).long()[None, None]
                 pred = binarize(upsample_to(logits[j:j + 1], tuple(gt.shape[-2:])), cfg.data.threshold)
                 d_o, i_o = dice_iou_per_image(pred, gt, k)
-                split_rows.append({"split": split, "id": s.id, "dice": float(dice[j]), "iou": float(iou[j]),
-                                   "dice_orig": float(d_o[0]), "iou_orig": float(i_o[0]), "text": s.text})
+                split_rows.append({"split": split, "id": s.id, "domain": s.domain, "dice": float(dice[j]),
+                                   "iou": float(iou[j]), "dice_orig": float(d_o[0]), "iou_orig": float(i_o[0]),
+                                   "text": s.text})
 
         predict_logits(method, make_loader(ds, eval_batch_size(cfg.data), shuffle=False), score)
-        n = len(split_rows)
-        metrics[split] = {key: sum(r[key] for r in split_rows) / n for key in ("dice", "iou", "dice_orig", "iou_orig")}
-        metrics[split]["n"] = n
+        metrics[split] = split_figures(split_rows)
         metrics[split]["data"] = describe_data(samples, data, split, fingerprint)
         rows.extend(split_rows)
     metrics["model"] = {"preset": cfg.preset, "tier": cfg.tier, "method": cfg.method, "network": cfg.network.name,
@@ -883,7 +918,25 @@ def evaluate(run_or_ckpt: Path, data: Path, splits: list[str] | tuple[str, ...] 
     return metrics
 
 
-ROW_FIELDS = ("split", "id", "dice", "iou", "dice_orig", "iou_orig", "text")
+ROW_FIELDS = ("split", "id", "domain", "dice", "iou", "dice_orig", "iou_orig", "text")
+FIGURE_KEYS = ("dice", "iou", "dice_orig", "iou_orig")
+
+
+def split_figures(rows: list[dict]) -> dict:
+    """A split's figures from its per-image rows: each of :data:`FIGURE_KEYS` averaged over
+    the images, and ``n``. Rows of several domains add ``domains`` (``{name: figures}``, each
+    averaged over that domain's images) and ``domain_mean`` (the unweighted mean of the
+    domain figures: each domain counts once, whatever its size)."""
+    def mean(part: list[dict]) -> dict:
+        return {**{key: sum(r[key] for r in part) / len(part) for key in FIGURE_KEYS}, "n": len(part)}
+
+    out = mean(rows)
+    names = sorted({r["domain"] for r in rows})
+    if len(names) > 1:
+        out["domains"] = {d: mean([r for r in rows if r["domain"] == d]) for d in names}
+        out["domain_mean"] = {key: sum(f[key] for f in out["domains"].values()) / len(names)
+                              for key in FIGURE_KEYS}
+    return out
 
 
 def _read_rows(path: Path) -> list[dict]:

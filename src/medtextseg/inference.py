@@ -20,13 +20,15 @@ from monai.inferers import sliding_window_inference
 BLEND_MODES = ("gaussian", "constant")
 
 
-def sliding_window_logits(forward: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+def sliding_window_logits(forward: Callable[..., torch.Tensor],
                           images: torch.Tensor, tokens: torch.Tensor | None, roi: int, *,
-                          sw_batch_size: int = 4, overlap: float = 0.25, mode: str = "gaussian") -> torch.Tensor:
+                          sw_batch_size: int = 4, overlap: float = 0.25, mode: str = "gaussian",
+                          domain: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of whole images from ``roi``² windows.
 
     Args:
-        forward: ``forward(windows [W, C, roi, roi], tokens [W, ...] | None) -> [W, K, roi, roi]``.
+        forward: ``forward(windows [W, C, roi, roi], tokens [W, ...] | None) -> [W, K, roi, roi]``
+            (with ``domain``: ``forward(windows, tokens, domain [W])``).
         images: ``[B, C, H, W]``; any H, W (smaller than ``roi`` is zero-padded, then cropped back).
         tokens: ``[B, ...]`` text features of each image, or None; each window gets its
             image's row (windows of different images are never mixed in one call).
@@ -35,6 +37,8 @@ def sliding_window_logits(forward: Callable[[torch.Tensor, torch.Tensor | None],
         overlap: fraction of a window shared with its neighbour.
         mode: ``gaussian`` (windows weighted towards their centre, MONAI's default
             for segmentation, which hides seams) or ``constant`` (plain average).
+        domain: ``[B]`` domain index of each image (composite data), or None; each
+            window gets its image's.
 
     Returns:
         ``[B, K, H, W]``: each pixel is the weighted mean of the windows covering it,
@@ -45,10 +49,11 @@ def sliding_window_logits(forward: Callable[[torch.Tensor, torch.Tensor | None],
     out = []
     for b in range(len(images)):
         row = None if tokens is None else tokens[b:b + 1]
+        dom = None if domain is None else domain[b:b + 1]
 
-        def predictor(windows: torch.Tensor, row=row) -> torch.Tensor:
+        def predictor(windows: torch.Tensor, row=row, dom=dom) -> torch.Tensor:
             t = None if row is None else row.expand(len(windows), *row.shape[1:])
-            return forward(windows, t)
+            return forward(windows, t) if dom is None else forward(windows, t, dom.expand(len(windows)))
 
         out.append(sliding_window_inference(images[b:b + 1], (roi, roi), sw_batch_size, predictor,
                                             overlap=overlap, mode=mode))

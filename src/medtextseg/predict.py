@@ -29,6 +29,7 @@ Rules that keep an output folder meaning one thing:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import shutil
 import unicodedata
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medtextseg.config import read_config
 from medtextseg.data.io import (
     IMAGE_SUFFIXES,
     ImageReadError,
@@ -51,6 +53,7 @@ from medtextseg.data.module import eval_batch_size, make_dataset, make_loader
 from medtextseg.data.problems import DataError, Problem
 from medtextseg.data.sample import Sample
 from medtextseg.engine import (
+    CONFIG_FILE,
     load_run,
     predict_logits,
     resolve_checkpoint,
@@ -314,7 +317,7 @@ def clear_out(out: Path) -> None:
 
 def predict(run_or_ckpt: Path, images: Path, out: Path, *, texts: Path | None = None, text: str | None = None,
             overwrite: bool = False, device: str | torch.device = "auto",
-            batch_size: int | None = None) -> list[Path]:
+            batch_size: int | None = None, domain: str | None = None) -> list[Path]:
     """Predict a mask and an overlay for every image of ``images`` (rules: module docstring).
 
     Args:
@@ -328,6 +331,8 @@ def predict(run_or_ckpt: Path, images: Path, out: Path, *, texts: Path | None = 
         device: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
         batch_size: images per forward pass (default: the run's ``data.eval_batch_size``); under the
             patch protocol, windows per forward pass (images go one at a time).
+        domain: the images' domain (modality), one of the run's ``data.domains``; needed
+            when the run was trained on several (composite data), ignored otherwise.
 
     Returns:
         The mask paths written, one per input image, in input (name) order.
@@ -342,10 +347,17 @@ def predict(run_or_ckpt: Path, images: Path, out: Path, *, texts: Path | None = 
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: give at least 1")
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
-    resolve_checkpoint(run_or_ckpt)  # a wrong run path fails before the images are read
+    _, run = resolve_checkpoint(run_or_ckpt)  # a wrong run path fails before the images are read
+    domains = read_config(run / CONFIG_FILE).data.domains if (run / CONFIG_FILE).is_file() else []
+    if len(domains) > 1 and domain not in domains:
+        raise ValueError(f"{run} was trained on {len(domains)} domains ({', '.join(domains)}): say which one "
+                         f"the images are with --domain {domains[0]}"
+                         + (f" (got {domain!r})" if domain is not None else ""))
     _check_text_options(texts, text)
     check_out(out, images, overwrite)
     samples = collect_inputs(images, Path(texts) if texts is not None else None, text)
+    if len(domains) > 1:
+        samples = [dataclasses.replace(s, domain=domain) for s in samples]
 
     method, cfg, encoder, _ = load_run(run_or_ckpt, device=dev)
     if cfg.data.patches and batch_size is not None:

@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from medtextseg.config import read_config
+from medtextseg.data.fingerprint import data_label
 from medtextseg.data.io import read_image, read_mask
 from medtextseg.data.module import load_arrays, make_dataset, make_loader, mask_to_labels
 from medtextseg.data.readers import read_dataset
+from medtextseg.data.sources import DataArg
 from medtextseg.engine import CONFIG_FILE, RUN_FILE, RunError, load_run, predict_logits
 from medtextseg.metrics import binarize
 from medtextseg.utils import atomic_write_bytes, atomic_write_text
@@ -42,8 +44,7 @@ def _fmt(values: list[float]) -> str:
 
 
 def _data_label(entry: dict) -> str:
-    d = entry.get("data")
-    return f"{Path(d['path']).name} ({d['fingerprint'][:8]})" if d else "not recorded"
+    return data_label(entry.get("data"))
 
 
 def _threshold(run: Path, model: dict) -> float:
@@ -81,10 +82,25 @@ def metrics_table(runs: list[Path], split: str = "Test") -> str:
             cells.append(" / ".join(f"{t:g}" for t in sorted({_threshold(r, m["model"]) for r, m in ms})))
         cells += [_fmt([m[split][k] for _, m in ms]) for k, _ in METRIC_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+        # Composite data: a row per domain, and the mean of the domain means.
+        domains = sorted({d for _, m in ms for d in m[split].get("domains", {})})
+        for domain in domains:
+            have = [m[split]["domains"][domain] for _, m in ms if domain in m[split].get("domains", {})]
+            sub = [f"{preset} · {domain}", tier, text, "", str(len(have)), domain,
+                   "/".join(str(c) for c in sorted({h["n"] for h in have}))]
+            sub += [""] if per_row_threshold else []
+            lines.append("| " + " | ".join(sub + [_fmt([h[k] for h in have]) for k, _ in METRIC_COLUMNS]) + " |")
+        if domains:
+            have = [m[split]["domain_mean"] for _, m in ms if "domain_mean" in m[split]]
+            sub = [f"{preset} · mean of domains", tier, text, "", str(len(have)), "+".join(domains), ""]
+            sub += [""] if per_row_threshold else []
+            lines.append("| " + " | ".join(sub + [_fmt([h[k] for h in have]) for k, _ in METRIC_COLUMNS]) + " |")
     how = "threshold per row" if per_row_threshold else f"threshold {thresholds.pop():g}"
     lines.append("")
     lines.append(f"{split} split; Dice/IoU per image ({how}), averaged over the row's images, in %. "
-                 "An image whose mask and prediction are both empty scores 100.")
+                 "An image whose mask and prediction are both empty scores 100. On composite data the "
+                 "model's first row averages over all images of all domains; its `· <domain>` rows over "
+                 "one domain's images; `· mean of domains` is the unweighted mean of the domain means.")
     return "\n".join(lines)
 
 
@@ -103,7 +119,7 @@ def _predictions(run: Path, chosen: list) -> tuple[str, object, dict[int, np.nda
     return cfg.preset, cfg, out
 
 
-def overlay_grid(runs: list[Path], data: Path, out_png: Path, split: str = "Test", n_images: int = 6) -> None:
+def overlay_grid(runs: list[Path], data: DataArg, out_png: Path, split: str = "Test", n_images: int = 6) -> None:
     """Rows: images of ``split``; columns: image, ground truth, each run's prediction.
 
     The image and its ground truth are drawn at the image's own size; each run's
@@ -150,12 +166,12 @@ def overlay_grid(runs: list[Path], data: Path, out_png: Path, split: str = "Test
     atomic_write_bytes(out_png, buf.getvalue())
 
 
-def report(runs: list[Path], out: Path, *, data: Path | None = None, split: str = "Test", n_images: int = 6) -> Path:
+def report(runs: list[Path], out: Path, *, data: DataArg | None = None, split: str = "Test", n_images: int = 6) -> Path:
     """Write ``<out>/report.md`` (table + figure link) and ``<out>/overlays.png``; return the .md path."""
     runs = [Path(r) for r in runs]
     table = metrics_table(runs, split)
     if data is None:
-        data = Path(json.loads((runs[0] / RUN_FILE).read_text())["data"])
+        data = json.loads((runs[0] / RUN_FILE).read_text())["data"]
     out = Path(out)
     overlay_grid(runs, data, out / "overlays.png", split=split, n_images=n_images)
     md = f"# medtextseg report\n\nRuns: {', '.join(str(r) for r in runs)}\n\n{table}\n\n![overlays](overlays.png)\n"

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from medtextseg.data.sample import Sample
+from medtextseg.data.sources import DataArg, DataSources
 
 FINGERPRINT_CHARS = 16
 
@@ -21,13 +22,13 @@ def _rel(path: Path | None, root: Path) -> str:
         return Path(path).as_posix()
 
 
-def dataset_root(data: str | os.PathLike) -> Path:
-    """The folder file names are taken relative to: the dataset folder, or a manifest's folder."""
-    p = Path(data).expanduser().absolute()
-    return p.parent if p.is_file() else p
+def dataset_root(data: DataArg) -> Path:
+    """The folder file names are taken relative to: the dataset folder, a manifest's
+    folder, or the common folder of several roots."""
+    return DataSources.parse(data).base
 
 
-def dataset_fingerprint(samples: Sequence[Sample], data: str | os.PathLike,
+def dataset_fingerprint(samples: Sequence[Sample], data: DataArg,
                         splits: Iterable[str] | None = None) -> str:
     """SHA-256 (first 16 hex digits) of the file list of ``samples``.
 
@@ -35,9 +36,12 @@ def dataset_fingerprint(samples: Sequence[Sample], data: str | os.PathLike,
     dataset root, both files' sizes and its text, in a fixed order; so a copied or
     moved dataset keeps its fingerprint, while adding, removing, replacing a
     file or editing a description changes it. ``splits`` restricts it to those
-    splits (the figures of ``Test`` depend on the Test files only).
+    splits (the figures of ``Test`` depend on the Test files only). Samples of several
+    domains also contribute their domain (a dataset of one domain keeps the fingerprint
+    it had before composite data existed).
     """
     root = dataset_root(data)
+    several = len({s.domain for s in samples}) > 1
     keep = set(splits) if splits is not None else None
     lines = []
     for s in samples:
@@ -45,17 +49,29 @@ def dataset_fingerprint(samples: Sequence[Sample], data: str | os.PathLike,
             continue
         sizes = [str(os.path.getsize(p)) if p is not None and os.path.exists(p) else "-"
                  for p in (s.image_path, s.mask_path)]
-        lines.append("\t".join((s.split, _rel(s.image_path, root), _rel(s.mask_path, root), *sizes, s.text)))
+        line = (s.split, _rel(s.image_path, root), _rel(s.mask_path, root), *sizes, s.text)
+        lines.append("\t".join((s.domain, *line) if several else line))
     digest = hashlib.sha256("\n".join(sorted(lines)).encode("utf-8"))
     return digest.hexdigest()[:FINGERPRINT_CHARS]
 
 
-def describe_data(samples: Sequence[Sample], data: str | os.PathLike, split: str,
+def describe_data(samples: Sequence[Sample], data: DataArg, split: str,
                   fingerprint: str | None = None) -> dict:
-    """``{"path", "fingerprint", "split", "files"}`` recorded beside a split's figures:
-    ``fingerprint`` covers the whole dataset (pass it when already computed),
-    ``split_fingerprint`` the scored split."""
-    return {"path": str(Path(data).expanduser().absolute()),
+    """``{"path", "name", "fingerprint", "split", "files"}`` recorded beside a split's
+    figures: ``path`` is :meth:`DataSources.record` (a string, or a list of
+    ``name=path`` for several roots), ``name`` its short label, ``fingerprint`` covers
+    the whole dataset (pass it when already computed), ``split_fingerprint`` the
+    scored split."""
+    sources = DataSources.parse(data)
+    return {"path": sources.record(), "name": sources.label,
             "fingerprint": fingerprint or dataset_fingerprint(samples, data),
             "split": split, "split_fingerprint": dataset_fingerprint(samples, data, [split]),
             "files": sum(s.split == split for s in samples)}
+
+
+def data_label(described: dict | None) -> str:
+    """``"cxr500 (1a2b3c4d)"`` for a :func:`describe_data` record (older ones lack ``name``)."""
+    if not described:
+        return "not recorded"
+    name = described.get("name") or Path(str(described["path"])).name
+    return f"{name} ({described['fingerprint'][:8]})"

@@ -20,6 +20,7 @@ A batch is a dict:
 - ``text``: ``[B, L]`` int64 token ids (learned encoder) or ``[B, L, D]`` float32
   token embeddings (frozen encoders)
 - ``index``: ``[B]`` int64, position of the sample in its dataset
+- ``domain``: ``[B]`` int64, the sample's index in ``data.domains`` (0 with one domain)
 - ``id``: list of B sample ids
 """
 
@@ -146,6 +147,57 @@ def build_augmentation(cfg: DataConfig, map_keys: Sequence[str] = ()) -> mt.Comp
     return mt.Compose([*crop, mt.OneOf([turn_flip, rotate])])
 
 
+def domain_index(samples: Sequence[Sample], domains: Sequence[str]) -> np.ndarray:
+    """``[N]`` int64 index of each sample's domain in ``domains`` (``data.domains``, the
+    order of the modality indicator). With at most one domain every index is 0, so a
+    one-domain run scores any dataset.
+
+    Raises:
+        ValueError: a sample's domain is not in ``domains`` (naming it and the known ones).
+    """
+    if len(domains) <= 1:
+        return np.zeros(len(samples), np.int64)
+    at = {d: i for i, d in enumerate(domains)}
+    unknown = sorted({s.domain for s in samples} - set(at))
+    if unknown:
+        raise ValueError(f"domain(s) {', '.join(map(repr, unknown))} are not among the run's domains "
+                         f"({', '.join(domains)}); name each root after the domain it holds: "
+                         f"--data {domains[0]}=PATH ...")
+    return np.array([at[s.domain] for s in samples], np.int64)
+
+
+def oversample_factors(samples: Sequence[Sample], how: str) -> np.ndarray:
+    """``[N]`` times each sample appears in a training epoch (``data.oversample``).
+
+    ``"balance"``: a domain of n_d images gets max(1, round(n_max / n_d)); ``"none"``:
+    1 everywhere; ``"ct=3,cxr=1"``: the given factors (unnamed domains 1). One domain: 1.
+
+    Raises:
+        ValueError: a malformed ``how`` or a factor below 1.
+    """
+    counts: dict[str, int] = {}
+    for s in samples:
+        counts[s.domain] = counts.get(s.domain, 0) + 1
+    how = how.strip().lower()
+    if how == "none" or len(counts) <= 1:
+        factor = dict.fromkeys(counts, 1)
+    elif how == "balance":
+        largest = max(counts.values())
+        factor = {d: max(1, round(largest / n)) for d, n in counts.items()}
+    else:
+        factor = dict.fromkeys(counts, 1)
+        for part in filter(None, (p.strip() for p in how.split(","))):
+            name, _, value = part.partition("=")
+            try:
+                factor[name.strip()] = int(value)
+            except ValueError:
+                raise ValueError(f"data.oversample={how!r}: write balance, none or NAME=INT,NAME=INT "
+                                 "(e.g. ct=3,cxr=1)") from None
+            if factor[name.strip()] < 1:
+                raise ValueError(f"data.oversample: the factor of {name.strip()!r} must be at least 1")
+    return np.array([factor.get(s.domain, 1) for s in samples], np.int64)
+
+
 class SegDataset(Dataset):
     """Resized images (+ masks) and per-sample text features of one split.
 
@@ -159,7 +211,11 @@ class SegDataset(Dataset):
         text_index: ``[N]`` row of ``text_features`` for each sample.
         transform: MONAI dict transform over ``image``/``mask`` (+ the map keys), or None.
         repeats: items per image per epoch (``patches_per_image`` for patch training:
-            each item is another random crop); ``len`` is ``N · repeats``.
+            each item is another random crop).
+        domains: ``[N]`` int64 domain index of each sample (:func:`domain_index`), or
+            None (all 0); items carry it as ``"domain"``.
+        oversample: ``[N]`` times each image appears per epoch (:func:`oversample_factors`),
+            or None (once); ``len`` is ``sum(oversample) · repeats``.
 
     Attributes:
         targets: optional ``targets(i) -> {key: FloatTensor [C, S, S]}``, maps in the
@@ -171,9 +227,16 @@ class SegDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], images: np.ndarray, masks: np.ndarray | None,
                  text_features: torch.Tensor, text_index: np.ndarray, transform: mt.Compose | None = None,
-                 repeats: int = 1):
+                 repeats: int = 1, domains: np.ndarray | None = None, oversample: np.ndarray | None = None):
         self.samples = list(samples)
         self.repeats = repeats
+        n = len(self.samples)
+        self.domains = torch.zeros(n, dtype=torch.long) if domains is None else torch.as_tensor(domains).long()
+        self.oversample = np.ones(n, np.int64) if oversample is None else np.asarray(oversample, np.int64)
+        # Item k of an epoch -> sample: each sample f_i times, the whole list `repeats` times.
+        once = np.concatenate([np.flatnonzero(self.oversample >= k) for k in range(1, int(self.oversample.max(
+            initial=1)) + 1)]) if n else np.zeros(0, np.int64)
+        self.order = np.tile(once, repeats)
         self.images = images
         self.masks = masks
         self.text_features = text_features
@@ -184,13 +247,14 @@ class SegDataset(Dataset):
 
     def plain(self) -> SegDataset:
         """The same images and texts without augmentation or targets (shares memory)."""
-        return SegDataset(self.samples, self.images, self.masks, self.text_features, self.text_index.numpy())
+        return SegDataset(self.samples, self.images, self.masks, self.text_features, self.text_index.numpy(),
+                          domains=self.domains.numpy())
 
     def __len__(self) -> int:
-        return len(self.samples) * self.repeats
+        return len(self.order)
 
     def __getitem__(self, i: int) -> dict:
-        i %= len(self.samples)
+        i = int(self.order[i])
         item = {"image": torch.from_numpy(self.images[i]).float().div_(255.0)}
         if self.masks is not None:
             item["mask"] = torch.from_numpy(self.masks[i]).float()
@@ -205,6 +269,7 @@ class SegDataset(Dataset):
             item["mask"] = item["mask"].round().long()
         item["text"] = self.text_features[self.text_index[i]]
         item["index"] = i
+        item["domain"] = self.domains[i]
         item["id"] = self.samples[i].id
         return item
 
@@ -262,7 +327,8 @@ def make_dataset(samples: Sequence[Sample], encoder, cfg: DataConfig, *, train: 
         transform.set_random_state(seed=seed)
     repeats = cfg.patches_per_image if train and cfg.patches else 1
     return SegDataset(samples, images, masks, features, np.array([row[s.text] for s in samples]), transform,
-                      repeats)
+                      repeats, domains=domain_index(samples, cfg.domains),
+                      oversample=oversample_factors(samples, cfg.oversample) if train else None)
 
 
 def make_loader(dataset: SegDataset, batch_size: int, *, shuffle: bool, num_workers: int = 0,

@@ -40,6 +40,7 @@ import numpy as np
 from medtextseg.data.io import IMAGE_SUFFIXES, read_image
 from medtextseg.data.problems import Problem
 from medtextseg.data.sample import SPLITS, Sample
+from medtextseg.data.sources import DataArg, DataSources, qualify_ids
 
 __all__ = [
     "DatasetError",
@@ -107,7 +108,7 @@ def _normalise_required(splits: Iterable[str]) -> frozenset[str]:
     return frozenset(check_split_names(splits))
 
 
-def read_dataset(path: str | os.PathLike, *, domain: str | None = None) -> list[Sample]:
+def read_dataset(path: DataArg, *, domain: str | None = None) -> list[Sample]:
     """Read a dataset's samples without judging them.
 
     Unlabeled images (no mask) come back with ``mask_path=None``; images with
@@ -115,10 +116,12 @@ def read_dataset(path: str | os.PathLike, *, domain: str | None = None) -> list[
     :func:`medtextseg.data.validation.validate_dataset` before training.
 
     Args:
-        path: an LViT-layout folder or a ``.csv`` manifest.
-        domain: the samples' domain; default: the dataset folder's name
-            (LViT) or the CSV's folder name. A manifest's ``domain`` column,
-            where filled, wins over both.
+        path: an LViT-layout folder or a ``.csv`` manifest, or several of them
+            (a composite dataset, see :mod:`medtextseg.data.sources`).
+        domain: the samples' domain (one root only); default: a ``name=PATH``
+            name, else the dataset folder's name (LViT) or the CSV's folder
+            name. A manifest's ``domain`` column, where filled, wins.
+            Samples of more than one domain get qualified ids (``cxr/case_1``).
 
     Returns:
         Samples ordered by split (Train, Val, Test) then file name.
@@ -131,7 +134,7 @@ def read_dataset(path: str | os.PathLike, *, domain: str | None = None) -> list[
 
 
 def read_dataset_with_problems(
-    path: str | os.PathLike,
+    path: DataArg,
     *,
     domain: str | None = None,
     require_masks_in: Iterable[str] = ("Val", "Test"),
@@ -169,7 +172,29 @@ def read_dataset_with_problems(
         ValueError: an unknown split name in ``require_masks_in``.
     """
     required = _normalise_required(require_masks_in)
-    root = Path(path).expanduser().absolute()
+    try:
+        sources = DataSources.parse(path)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
+    if sources.composite and domain is not None:
+        raise ValueError("domain= names the domain of one root; name several roots as name=PATH")
+    samples: list[Sample] = []
+    problems: list[Problem] = []
+    first_root: dict[str, Path] = {}
+    for i, (_, root) in enumerate(sources.roots):
+        found, trouble = _read_root(root, domain or sources.roots[i][0] or
+                                    (sources.default_name(i) if sources.composite else None), required)
+        for d in dict.fromkeys(s.domain for s in found):
+            if first_root.setdefault(d, root) != root:
+                problems.append(Problem(root, f"domain {d!r} is also a domain of {first_root[d]}",
+                                        "give each root its own name (--data NAME=PATH) or change the manifest's "
+                                        "domain column", kind="domain-twice"))
+        samples += found
+        problems += trouble
+    return qualify_ids(samples), problems
+
+
+def _read_root(root: Path, domain: str | None, required: frozenset[str]) -> tuple[list[Sample], list[Problem]]:
     if not root.exists():
         raise DatasetError(f"{root}: does not exist; {_LAYOUT_HINT}")
     if root.is_file():
@@ -188,7 +213,7 @@ def read_dataset_with_problems(
     return _read_lvit(root, split_dirs, domain or root.name, required)
 
 
-def explain_missing_split(path: str | os.PathLike, split: str) -> tuple[Path, str, str]:
+def explain_missing_split(path: DataArg, split: str) -> tuple[Path, str, str]:
     """Where a split was looked for and why it has no images: ``(place, reason, fix)``.
 
     For a split of ``path`` that yields no samples. ``place`` is the folder (LViT
@@ -198,11 +223,23 @@ def explain_missing_split(path: str | os.PathLike, split: str) -> tuple[Path, st
     ``"no row of m.csv has split test"``; ``fix`` what would give the split
     images. Only names are looked at, as by the readers.
 
+    Several roots (a split that none of them has): the first root's place, and each
+    root's reason and fix prefixed with its domain name.
+
     Raises:
         ValueError: ``split`` is not a split name.
     """
     (split,) = check_split_names([split])
-    root = Path(path).expanduser().absolute()
+    sources = DataSources.parse(path)
+    if not sources.composite:
+        return _explain_root_missing_split(sources.roots[0][1], split)
+    each = [(sources.default_name(i), *_explain_root_missing_split(root, split))
+            for i, (_, root) in enumerate(sources.roots)]
+    return (each[0][1], "; ".join(f"{name}: {reason}" for name, _, reason, _ in each),
+            "; ".join(f"{name}: {fix}" for name, _, _, fix in each))
+
+
+def _explain_root_missing_split(root: Path, split: str) -> tuple[Path, str, str]:
     word = split.lower()
     if root.is_file():
         try:

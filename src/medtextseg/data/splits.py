@@ -55,21 +55,30 @@ def labeled_train_ids(samples: Sequence[Sample]) -> list[str]:
 
 
 def split_by_ratio(samples: Sequence[Sample], ratio: float, seed: int) -> LabeledSplit:
-    """Keep the masks of ``round(ratio · N)`` (at least one) of the N labeled Train images.
+    """Keep the masks of ``round(ratio · N)`` (at least one) of the N labeled Train images,
+    per domain: a composite dataset keeps ``round(ratio · N_d)`` of each domain's N_d.
 
     The choice is the first k of a seeded shuffle of the sorted ids, so it is
     independent of file order, of the reader and of the method, and nested across
-    ratios (the 25 % labeled images are among the 50 % ones).
+    ratios (the 25 % labeled images are among the 50 % ones). One domain: the same
+    split as before composite data existed; several: each domain shuffled with its
+    own stream (seed and domain name), so adding a domain does not change the others'.
     """
     check_ratio(ratio)
     ids = labeled_train_ids(samples)
-    order = ids[:]
-    # One shuffle per seed, whatever the ratio: the labeled images of a smaller ratio
-    # are a subset of those of a larger one, so ratios differ only in how many
-    # labels they have, not in which images happened to be drawn.
-    random.Random(f"labeled-split/{seed}").shuffle(order)
-    k = max(1, round(ratio * len(ids)))
-    labeled = set(order[:k])
+    by_domain: dict[str, list[str]] = {}
+    for s in samples:
+        if s.split == "Train" and s.labeled:
+            by_domain.setdefault(s.domain, []).append(s.id)
+    labeled: set[str] = set()
+    for domain, members in sorted(by_domain.items()):
+        order = sorted(members)
+        # One shuffle per seed, whatever the ratio: the labeled images of a smaller ratio
+        # are a subset of those of a larger one, so ratios differ only in how many
+        # labels they have, not in which images happened to be drawn.
+        stream = f"labeled-split/{seed}" if len(by_domain) == 1 else f"labeled-split/{seed}/{domain}"
+        random.Random(stream).shuffle(order)
+        labeled.update(order[:max(1, round(ratio * len(order)))])
     return LabeledSplit(tuple(i for i in ids if i in labeled), tuple(i for i in ids if i not in labeled), seed, ratio)
 
 

@@ -32,6 +32,7 @@ from medtextseg.data.readers import (
     read_dataset_with_problems,
 )
 from medtextseg.data.sample import Sample
+from medtextseg.data.sources import DataArg, DataSources
 
 __all__ = [
     "DataError",
@@ -230,7 +231,7 @@ def check_samples(
     return problems
 
 
-def _missing_splits(path: str | os.PathLike, samples: Sequence[Sample], need: Sequence[str],
+def _missing_splits(path: DataArg, samples: Sequence[Sample], need: Sequence[str],
                     problems: Sequence[Problem]) -> list[Problem]:
     present = {s.split for s in samples}
     already = {Path(p.file) for p in problems if p.kind == "no-img-folder"}
@@ -247,7 +248,7 @@ def _missing_splits(path: str | os.PathLike, samples: Sequence[Sample], need: Se
 
 
 def validate_dataset(
-    path: str | os.PathLike,
+    path: DataArg,
     *,
     num_classes: int = 1,
     require_masks_in: Iterable[str] = ("Val", "Test"),
@@ -265,7 +266,8 @@ def validate_dataset(
     before any file is read.
 
     Args:
-        path: an LViT-layout folder or a ``.csv`` manifest.
+        path: an LViT-layout folder or a ``.csv`` manifest, or several (a composite
+            dataset: :mod:`medtextseg.data.sources`); a split is missing when no root has it.
         num_classes: 1 for binary masks ({0, 255} or {0, 1}); K >= 2 for label maps with
             class ids 0..K-1 (0 = background), as ``data.num_classes``.
         require_masks_in: splits whose images must all have masks.
@@ -290,7 +292,8 @@ def validate_dataset(
     problems += check_samples(samples, num_classes, check_text=False, workers=workers)
     problems += _missing_splits(path, samples, need, problems)
     if problems:
-        raise DataError(problems, path)
+        sources = DataSources.parse(path)
+        raise DataError(problems, sources.base if sources.composite else sources.roots[0][1])
     return samples
 
 
@@ -307,7 +310,7 @@ def _consequence(split: str, need: Sequence[str]) -> str:
 def dataset_notes(
     samples: Sequence[Sample],
     *,
-    data: str | os.PathLike | None = None,
+    data: DataArg | None = None,
     need_splits: Iterable[str] = ("Train", "Val"),
     optional_splits: Iterable[str] = ("Test",),
 ) -> list[str]:
@@ -349,6 +352,14 @@ def dataset_notes(
             except OSError:  # the note is a courtesy: a folder that cannot be listed gets none
                 where = ""
         notes.append(f"no {split} split{where}: {_consequence(split, need)}")
+    domains = sorted({s.domain for s in samples})
+    if len(domains) > 1:
+        for domain in domains:
+            have = {s.split for s in samples if s.domain == domain}
+            lacking = [split for split in (*need, *optional) if split in present and split not in have]
+            if lacking:
+                notes.append(f"domain {domain!r} has no {' or '.join(lacking)} images: its per-domain "
+                             f"{' and '.join(lacking)} figures will be missing")
     train = [s for s in samples if s.split == "Train"]
     unlabeled = sum(not s.labeled for s in train)
     if train and unlabeled == len(train):

@@ -18,6 +18,17 @@ from medtextseg.nets import build_network
 from medtextseg.text.encoders import build_text_encoder
 
 
+def network_from_config(cfg: Config, text_dim: int):
+    """The network of a run config: ``network.name`` with the data's channels, classes and
+    size, the text width, ``network.options``, and an indicator of ``len(data.domains)``
+    (at least 1) for the networks that read the modality."""
+    return build_network(
+        cfg.network.name, in_channels=cfg.data.in_channels, num_classes=cfg.data.num_classes,
+        base_width=cfg.network.base_width, img_size=cfg.data.img_size, text_dim=text_dim,
+        text_len=cfg.text.max_len, use_text=cfg.network.use_text, num_domains=max(1, len(cfg.data.domains)),
+        **cfg.network.options)
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
@@ -47,11 +58,7 @@ class SegMethod(L.LightningModule):
         self.cfg = Config.from_dict(config)
         cfg = self.cfg
         self.use_text = cfg.network.use_text
-        self.net = build_network(
-            cfg.network.name, in_channels=cfg.data.in_channels, num_classes=cfg.data.num_classes,
-            base_width=cfg.network.base_width, img_size=cfg.data.img_size, text_dim=text_dim,
-            text_len=cfg.text.max_len, use_text=cfg.network.use_text,
-        )
+        self.net = network_from_config(cfg, text_dim)
         # Only the learned encoder has weights to train; frozen encoders give Identity.
         self.text_embedder = (build_text_encoder(cfg.text.encoder, max_len=cfg.text.max_len, dim=cfg.text.dim,
                                                  state=text_state).embedder() if self.use_text else None)
@@ -92,27 +99,31 @@ class SegMethod(L.LightningModule):
         modules = [self.net] + ([self.text_embedder] if self.text_embedder is not None else [])
         return sum(p.numel() for m in modules for p in m.parameters())
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
-        """``images [B, C, S, S]`` at the network's input size -> logits ``[B, K, S, S]``."""
+    def forward(self, images: torch.Tensor, text: torch.Tensor | None = None,
+                domain: torch.Tensor | None = None) -> torch.Tensor:
+        """``images [B, C, S, S]`` at the network's input size -> logits ``[B, K, S, S]``;
+        ``domain [B]``: the batch's domain indices (composite data), or None."""
         tokens = self.text_embedder(text) if self.use_text else None
-        return self._net_forward(images, tokens)
+        return self._net_forward(images, tokens, domain)
 
-    def _net_forward(self, images: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    def _net_forward(self, images: torch.Tensor, tokens: torch.Tensor | None,
+                     domain: torch.Tensor | None = None) -> torch.Tensor:
         if self.cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images, tokens)
+        return self.net(images, tokens, domain=domain)
 
-    def infer(self, images: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+    def infer(self, images: torch.Tensor, text: torch.Tensor | None = None,
+              domain: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of whole images ``[B, C, H, W]`` -> ``[B, K, H, W]``: one forward pass
         (resize protocol, H = W = ``data.img_size``), or with ``data.patches`` a sliding
         ``img_size``² window (:func:`medtextseg.inference.sliding_window_logits`), the
         text embedded once per image. Validation, evaluation and prediction use this."""
         d = self.cfg.data
         if not d.patches:
-            return self(images, text)
+            return self(images, text, domain)
         tokens = self.text_embedder(text) if self.use_text else None
         return sliding_window_logits(self._net_forward, images, tokens, d.img_size, sw_batch_size=d.eval_batch_size,
-                                     overlap=d.window_overlap, mode=d.window_blend)
+                                     overlap=d.window_overlap, mode=d.window_blend, domain=domain)
 
     def check_finite(self, loss: torch.Tensor) -> torch.Tensor:
         if not torch.isfinite(loss):
@@ -134,13 +145,13 @@ class SegMethod(L.LightningModule):
 
     def supervised_step(self, batch: dict) -> torch.Tensor:
         """L_sup (Eq. 16) on a labeled batch, logged as ``train/loss``."""
-        logits = self(batch["image"], batch["text"])
+        logits = self(batch["image"], batch["text"], batch.get("domain"))
         loss = self.with_regulariser(self.sup_loss(logits, batch["mask"]))
         self.log("train/loss", loss, batch_size=len(logits), prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self.infer(batch["image"], batch["text"])
+        logits = self.infer(batch["image"], batch["text"], batch.get("domain"))
         loss = self.sup_loss(logits, batch["mask"])
         dice, iou = dice_iou_per_image(binarize(logits, self.cfg.data.threshold), batch["mask"], self.cfg.data.num_classes)
         n = len(dice)

@@ -124,10 +124,13 @@ class TextMoE(MeanTeacher):
         return True
 
     # -- the network calls ---------------------------------------------------------------
-    def _net_forward(self, images: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    def _net_forward(self, images: torch.Tensor, tokens: torch.Tensor | None,
+                     domain: torch.Tensor | None = None) -> torch.Tensor:
         if self.cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        domain = self._domain if self._domain is not None and len(self._domain) == len(images) else None
+        if domain is None and self._domain is not None and len(self._domain) == len(images):
+            # The family's step calls self(images, text): the domains come from training_step.
+            domain = self._domain
         if not self._capture:
             return self.net(images, tokens, domain=domain)
         logits, aux = self.net(images, tokens, domain=domain, return_aux=True)
@@ -152,13 +155,6 @@ class TextMoE(MeanTeacher):
             return super().training_step(batch, batch_idx)
         finally:
             self._domain, self.teacher.domain, self._capture, self._experts = None, None, False, None
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._domain = self._batch_domain(batch) if "domain" in batch else None
-        try:
-            super().validation_step(batch, batch_idx)
-        finally:
-            self._domain = None
 
     def step_regulariser(self) -> torch.Tensor | None:
         """With ``textmoe.diff``: ``diff_weight`` · L_diff of this step's student forward (Eq. 8-9)."""

@@ -73,12 +73,15 @@ _COMMON_OPTIONS = (
     "text_dim",
     "text_len",
     "use_text",
+    "num_domains",
 )
 _TEXT_OPTIONS = ("img_size", "text_dim", "text_len", "use_text")
+# Only the TextMoE gates read the modality; the other families accept and ignore it.
+_DOMAIN_OPTIONS = ("num_domains",)
 _EXTRA_OPTIONS = {
     "unet": ("upsample", "num_convs"),
     "lvit": ("num_heads", "mlp_ratio", "dropout"),
-    "textmoe": ("num_domains", "depths", "encoder", "indicator", "drop_path"),
+    "textmoe": ("depths", "encoder", "indicator", "drop_path"),
 }
 
 
@@ -94,19 +97,20 @@ def build_network(name: str, **options: Any) -> nn.Module:
             ``in_channels=3``, ``num_classes=1``, ``base_width=64``,
             ``img_size=224`` (int or (H, W), divisible by 16), ``text_dim=768``,
             ``text_len=10``, ``use_text=True`` (``False``: LViT-TW, no text
-            modules). LViT also takes ``num_heads``, ``mlp_ratio``, ``dropout``;
+            modules), ``num_domains=1`` (length of the modality indicator; only the
+            TextMoE networks use it, the others ignore it). LViT also takes ``num_heads``, ``mlp_ratio``, ``dropout``;
             U-Net takes ``upsample`` and ``num_convs``. U-Net is image-only: it
             accepts the text options so configs can switch networks freely, checks
             ``img_size`` and otherwise ignores them. The TextMoE networks
             (:class:`~medtextseg.nets.textmoe.TextMoENet`) map ``base_width=b`` to
             the ConvNeXt stage widths ``(b, 2b, 4b, 8b)`` (96: ConvNeXt-Tiny's
             96/192/384/768; unset: ConvNeXt-Tiny's, or a checkpoint's), need
-            ``img_size`` divisible by 32 and take ``num_domains=1``,
+            ``img_size`` divisible by 32 and take
             ``depths=(3, 3, 9, 3)``, ``encoder=None`` (random init) or
             ``"hf:<dir>"`` (local ConvNeXt weights), ``indicator`` and ``drop_path``.
 
     Returns:
-        The network (an ``nn.Module`` whose ``forward(images, text=None)``
+        The network (an ``nn.Module`` whose ``forward(images, text=None, domain=None)``
         returns logits ``[B, K, H, W]``).
 
     Raises:
@@ -125,7 +129,7 @@ def build_network(name: str, **options: Any) -> nn.Module:
     if family == "unet":
         if "img_size" in options:
             check_image_size(options["img_size"])
-        image_options = {k: v for k, v in options.items() if k not in _TEXT_OPTIONS}
+        image_options = {k: v for k, v in options.items() if k not in _TEXT_OPTIONS + _DOMAIN_OPTIONS}
         return UNet(**image_options)
     if family == "textmoe":
         options = dict(options)
@@ -135,4 +139,4 @@ def build_network(name: str, **options: Any) -> nn.Module:
         if "img_size" in options:
             check_textmoe_size(options["img_size"])
         return TextMoENet(decoder=TEXTMOE_DECODERS[key], **options)
-    return LViT(depth=LVIT_DEPTHS[key], **options)
+    return LViT(depth=LVIT_DEPTHS[key], **{k: v for k, v in options.items() if k not in _DOMAIN_OPTIONS})

@@ -235,8 +235,9 @@ class LViT(nn.Module):
         tokens = self.text_ctbn(self.text_encoder(text))
         return resize_tokens(tokens, self.grid_size, grid)
 
-    def forward(self, images: Tensor, text: Tensor | None = None) -> Tensor:
-        """``images [B, C, H, W]``, ``text [B, L, D]`` -> logits ``[B, K, H, W]``."""
+    def forward(self, images: Tensor, text: Tensor | None = None, domain: Tensor | None = None) -> Tensor:
+        """``images [B, C, H, W]``, ``text [B, L, D]`` -> logits ``[B, K, H, W]``; ``domain``
+        (the modality of composite data) is ignored: LViT has no indicator."""
         self._check_inputs(images, text)
         features = self.encoder(inference_layout(images))
         grid = (images.shape[-2] // TOTAL_STRIDE, images.shape[-1] // TOTAL_STRIDE)

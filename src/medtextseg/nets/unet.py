@@ -62,8 +62,8 @@ class UNet(nn.Module):
         self.encoder = CNNEncoder(in_channels, base_width, num_convs)
         self.decoder = CNNDecoder(base_width, num_classes, num_convs, upsample=upsample)
 
-    def forward(self, images: Tensor, text: Tensor | None = None) -> Tensor:
-        """``images [B, C, H, W]`` -> logits ``[B, K, H, W]``; ``text`` is ignored."""
+    def forward(self, images: Tensor, text: Tensor | None = None, domain: Tensor | None = None) -> Tensor:
+        """``images [B, C, H, W]`` -> logits ``[B, K, H, W]``; ``text`` and ``domain`` are ignored."""
         if images.ndim != 4 or images.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected images of shape [B, {self.in_channels}, H, W], got {list(images.shape)}"
