@@ -46,7 +46,7 @@ def optimizer_steps(run: Path) -> int:
     return max((int(r["step"]) for r in _log_rows(run) if r.get("step")), default=-1) + 1
 
 
-def train_in_child(preset: str, tier: str, overrides: list[str], data: Path, run: Path, *,
+def train_in_child(preset: str, tier: str, overrides: list[str], data: Path | list, run: Path, *,
                    vlm: Path | None = None, stage: str = "train") -> dict:
     """Train (or reuse) one run; returns its metrics.json merged with bench.json.
 
@@ -60,7 +60,9 @@ def train_in_child(preset: str, tier: str, overrides: list[str], data: Path, run
                  "epoch_seconds": [], "peak_mib": nan}
         return {**json.loads(metrics_file.read_text()), **bench}
     if not (metrics_file.is_file() and bench_file.is_file()):
-        spec = json.dumps({"preset": preset, "tier": tier, "overrides": overrides, "data": str(data), "run": str(run),
+        # Several roots (a composite dataset) travel as a list of paths or NAME=PATH strings.
+        where = [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
+        spec = json.dumps({"preset": preset, "tier": tier, "overrides": overrides, "data": where, "run": str(run),
                            "vlm": str(vlm) if vlm else None, "stage": stage})
         subprocess.run([sys.executable, __file__, spec], check=True)
     return {**json.loads(metrics_file.read_text()), **json.loads(bench_file.read_text())}
@@ -98,10 +100,10 @@ def _child(spec: dict) -> None:
     timer = EpochTimer()
     t0 = time.perf_counter()
     if spec.get("stage") == "pretrain":
-        pretrain(cfg, Path(spec["data"]), run, overwrite=True, progress=False, extra_callbacks=[timer])
+        pretrain(cfg, spec["data"], run, overwrite=True, progress=False, extra_callbacks=[timer])
     else:
         vlm = Path(spec["vlm"]) if spec.get("vlm") else None
-        train(cfg, Path(spec["data"]), run, vlm=vlm, overwrite=True, progress=False, extra_callbacks=[timer])
+        train(cfg, spec["data"], run, vlm=vlm, overwrite=True, progress=False, extra_callbacks=[timer])
     atomic_write_json(run / BENCH_FILE, {
         "seconds": time.perf_counter() - t0, "epochs": len(timer.times),
         # Median of the second half: past the first epoch and the cheaper supervised warm-up

@@ -4,6 +4,7 @@ batches, oversampling, the network's indicator, metrics and the command line."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -90,10 +91,10 @@ def test_labeled_ratio_is_stratified_per_domain_and_nested():
     by = {d: sum(i.startswith(d + "/") for i in quarter.labeled) for d in ("ct", "cxr")}
     assert by == {"ct": 2, "cxr": 10}
     assert set(quarter.labeled) <= set(half.labeled)
-    # One domain: the split that existed before composite data (one shuffle of all ids).
-    one = _samples({"cxr": 40})
-    assert split_by_ratio(one, 0.25, seed=3).labeled == split_by_ratio(
-        [s for s in samples if s.domain == "cxr"], 0.25, seed=3).labeled
+    # A domain trained alone (plain ids) keeps the labeled images it has in the composite.
+    alone = [dataclasses.replace(s, id=s.id.split("/", 1)[1]) for s in samples if s.domain == "cxr"]
+    assert [f"cxr/{i}" for i in split_by_ratio(alone, 0.25, seed=3).labeled] == [
+        i for i in quarter.labeled if i.startswith("cxr/")]
 
 
 def test_oversampling_balances_the_domains_of_an_epoch():

@@ -60,9 +60,10 @@ def split_by_ratio(samples: Sequence[Sample], ratio: float, seed: int) -> Labele
 
     The choice is the first k of a seeded shuffle of the sorted ids, so it is
     independent of file order, of the reader and of the method, and nested across
-    ratios (the 25 % labeled images are among the 50 % ones). One domain: the same
-    split as before composite data existed; several: each domain shuffled with its
-    own stream (seed and domain name), so adding a domain does not change the others'.
+    ratios (the 25 % labeled images are among the 50 % ones). Each domain is shuffled
+    on its own, so a domain keeps the same labeled images whether it is trained alone or
+    in a composite dataset (a per-dataset baseline and a joint model see the same masks),
+    and one domain gives the split that existed before composite data.
     """
     check_ratio(ratio)
     ids = labeled_train_ids(samples)
@@ -76,8 +77,9 @@ def split_by_ratio(samples: Sequence[Sample], ratio: float, seed: int) -> Labele
         # One shuffle per seed, whatever the ratio: the labeled images of a smaller ratio
         # are a subset of those of a larger one, so ratios differ only in how many
         # labels they have, not in which images happened to be drawn.
-        stream = f"labeled-split/{seed}" if len(by_domain) == 1 else f"labeled-split/{seed}/{domain}"
-        random.Random(stream).shuffle(order)
+        # The same stream for every domain: a domain's sorted ids (qualified or not, their
+        # order is the same) get the shuffle they get when that domain is trained alone.
+        random.Random(f"labeled-split/{seed}").shuffle(order)
         labeled.update(order[:max(1, round(ratio * len(order)))])
     return LabeledSplit(tuple(i for i in ids if i in labeled), tuple(i for i in ids if i not in labeled), seed, ratio)
 
