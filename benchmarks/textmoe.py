@@ -42,7 +42,8 @@ from runs import fmt, optimizer_steps, train_in_child
 from medtextseg.config import load_preset
 from medtextseg.utils import atomic_write_text
 
-PER_DOMAIN = {"unet": ("unet", []), "mean-teacher": ("mean-teacher", []), "textmoe-single": ("textmoe", [])}
+PER_DOMAIN = {"unet": ("unet", []), "mean-teacher": ("mean-teacher", []), "textmoe-single": ("textmoe", []),
+              "textmoe-single-steps": ("textmoe", [])}
 JOINT = {
     "sup": ("textmoe", ["method=supervised", "textmoe.diff=false"]),
     "plain": ("textmoe-plain", ["textmoe.cr=false", "textmoe.diff=false"]),
@@ -52,7 +53,8 @@ JOINT = {
     "no-indicator": ("textmoe", ["network.options={indicator: false}"]),
 }
 LABELS = {"unet": "U-Net (labeled only, per dataset)", "mean-teacher": "Mean Teacher (U-Net, per dataset)",
-          "textmoe-single": "TextMoE (per dataset)", "sup": "L_sup only (joint)",
+          "textmoe-single": "TextMoE (per dataset)",
+          "textmoe-single-steps": "TextMoE (per dataset, as many steps as the joint run)", "sup": "L_sup only (joint)",
           "plain": "Plain-MoE + naive MT (joint)", "tmoe": "TMoE + naive MT (joint)",
           "tmoe+cr": "TMoE + L_cr (joint)", "textmoe": "TextMoE: TMoE + L_cr + L_diff (joint)",
           "no-indicator": "TextMoE, indicator off (joint)"}
@@ -61,8 +63,14 @@ PAPER = {"mean-teacher": ("77.88", "68.93"), "textmoe": ("81.35", "74.23")}
 
 
 def overrides(row: str, preset: str, sets: list[str], ratio: float, seed: int, tier: str,
-              extra: list[str]) -> list[str]:
+              extra: list[str], joint_scale: float = 1.0) -> list[str]:
     out = [f"train.seed={seed}", f"data.labeled_ratio={ratio}", *sets, *extra]
+    if row == "textmoe-single-steps":
+        # A joint epoch passes over every domain's images: a per-dataset run needs
+        # joint_scale (= all Train images / this domain's) times the epochs for its steps.
+        cfg = load_preset(preset, tier, out)
+        out += [f"train.max_epochs={math.ceil(cfg.train.max_epochs * joint_scale)}",
+                f"train.patience={math.ceil(cfg.train.patience * joint_scale)}"]
     if row in ("unet", "sup") and ratio < 1.0:
         # Labeled-only rows get as many optimizer steps as the semi-supervised ones.
         cfg = load_preset(preset, tier, out)
@@ -175,6 +183,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown row(s) {unknown}; choose from {', '.join([*PER_DOMAIN, *JOINT])}")
 
+    from medtextseg.data.readers import read_dataset
+
+    train_all = [s for s in read_dataset(args.domains) if s.split == "Train"]
+    n_train = {n: sum(s.domain == n for s in train_all) for n in names}
+    n_train_all = len(train_all)
     head = ["Method", "Labels", *[f"{n} Dice %" for n in names], "Mean of domains Dice %",
             "All images Dice %", "Paper X-ray / CT (25 %)", "Steps", "s/epoch", "Seeds"]
     table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -190,8 +203,9 @@ def main() -> None:
                         run = args.out / f"r{ratio:g}" / f"{row}-s{seed}-{name}"
                         if args.collect and not (run / "metrics.json").is_file():
                             continue
+                        scale = n_train_all / n_train[name]
                         m = train_in_child(preset, args.tier, overrides(row, preset, sets, ratio, seed, args.tier,
-                                                                        args.overrides), [root], run)
+                                                                        args.overrides, scale), [root], run)
                         per[name].append(m[args.split]["dice"])
                         steps.append(optimizer_steps(run))
                         spe.append(m["seconds_per_epoch"])
