@@ -30,7 +30,7 @@ from medtextseg.pretrain.base import PRETRAINED_DIR, load_pretrained
 def pseudo_label_dice(run: Path) -> dict[str, float]:
     method, cfg, encoder, run = load_run(run)
     info = json.loads((run / "run.json").read_text())
-    samples = validate_dataset(Path(info["data"]), num_classes=1)
+    samples = validate_dataset(info["data"], num_classes=1)  # a path, or name=path per root
     split = LabeledSplit.load(run / SPLIT_FILE)
     unlabeled = set(split.unlabeled)
     withheld = [s for s in samples if s.split == "Train" and s.id in unlabeled]

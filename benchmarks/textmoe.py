@@ -16,7 +16,10 @@ the masks of the same images (the labeled split is stratified per domain, and ea
 domain's stream is its own, so a per-dataset run and the joint run label the same images):
 
 - per dataset (one run per domain): ``unet`` (labeled only, step-matched as in
-  benchmarks/semi.py), ``mean-teacher``, ``textmoe-single`` (TextMoE on that domain alone);
+  benchmarks/semi.py), ``mean-teacher``, ``lvit-epi`` (LViT-T + EPI + LV, the ``lvit-t-semi``
+  preset), ``textmoe-single`` (TextMoE on that domain alone), ``textmoe-single-steps`` (the
+  same with the joint run's optimizer steps). DuSSS per dataset needs a VLM per domain:
+  benchmarks/dusss.py on each root with the same ratio, seed and ``--set``;
 - joint (one run on all domains, figures per domain): ``textmoe`` (TMoE + L_cr + L_diff),
   and the Table 2 rows ``sup`` (L_sup only: the supervised method on the TextMoE network),
   ``plain`` (Plain-MoE decoder, Mean Teacher's naive consistency), ``tmoe`` (TMoE decoder,
@@ -42,8 +45,8 @@ from runs import fmt, optimizer_steps, train_in_child
 from medtextseg.config import load_preset
 from medtextseg.utils import atomic_write_text
 
-PER_DOMAIN = {"unet": ("unet", []), "mean-teacher": ("mean-teacher", []), "textmoe-single": ("textmoe", []),
-              "textmoe-single-steps": ("textmoe", [])}
+PER_DOMAIN = {"unet": ("unet", []), "mean-teacher": ("mean-teacher", []), "lvit-epi": ("lvit-t-semi", []),
+              "textmoe-single": ("textmoe", []), "textmoe-single-steps": ("textmoe", [])}
 JOINT = {
     "sup": ("textmoe", ["method=supervised", "textmoe.diff=false"]),
     "plain": ("textmoe-plain", ["textmoe.cr=false", "textmoe.diff=false"]),
@@ -53,13 +56,21 @@ JOINT = {
     "no-indicator": ("textmoe", ["network.options={indicator: false}"]),
 }
 LABELS = {"unet": "U-Net (labeled only, per dataset)", "mean-teacher": "Mean Teacher (U-Net, per dataset)",
+          "lvit-epi": "LViT-T + EPI + LV (per dataset)",
           "textmoe-single": "TextMoE (per dataset)",
           "textmoe-single-steps": "TextMoE (per dataset, as many steps as the joint run)", "sup": "L_sup only (joint)",
           "plain": "Plain-MoE + naive MT (joint)", "tmoe": "TMoE + naive MT (joint)",
           "tmoe+cr": "TMoE + L_cr (joint)", "textmoe": "TextMoE: TMoE + L_cr + L_diff (joint)",
           "no-indicator": "TextMoE, indicator off (joint)"}
-# TextMoE paper, Dice % at 25 % labels (QaTa-COV19 X-ray, MosMedData+ CT): Table 1.
-PAPER = {"mean-teacher": ("77.88", "68.93"), "textmoe": ("81.35", "74.23")}
+# TextMoE paper, Dice % (QaTa-COV19 X-ray, MosMedData+ CT) at 25 / 50 % labels: Table 1 (LViT,
+# TextMoE) and Table 2 (the ablation rows; its L_sup-only row is the paper's baseline).
+# Mean Teacher is not in Table 1.
+PAPER = {("lvit-epi", 0.25): ("78.12", "71.38"), ("lvit-epi", 0.5): ("80.32", "72.25"),
+         ("sup", 0.25): ("77.88", "67.55"), ("sup", 0.5): ("79.64", "69.27"),
+         ("plain", 0.25): ("84.54", "68.48"), ("plain", 0.5): ("87.23", "70.91"),
+         ("tmoe", 0.25): ("85.63", "70.72"), ("tmoe", 0.5): ("87.66", "71.86"),
+         ("tmoe+cr", 0.25): ("87.59", "72.60"), ("tmoe+cr", 0.5): ("88.60", "73.00"),
+         ("textmoe", 0.25): ("88.61", "74.15"), ("textmoe", 0.5): ("89.55", "75.17")}
 
 
 def overrides(row: str, preset: str, sets: list[str], ratio: float, seed: int, tier: str,
@@ -189,7 +200,7 @@ def main() -> None:
     n_train = {n: sum(s.domain == n for s in train_all) for n in names}
     n_train_all = len(train_all)
     head = ["Method", "Labels", *[f"{n} Dice %" for n in names], "Mean of domains Dice %",
-            "All images Dice %", "Paper X-ray / CT (25 %)", "Steps", "s/epoch", "Seeds"]
+            "All images Dice %", "Paper X-ray / CT", "Steps", "s/epoch", "Seeds"]
     table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     gates: list[str] = []
     for ratio in args.ratios:
@@ -234,7 +245,7 @@ def main() -> None:
                                                                  strict=True)) + " |")
             if not steps:
                 continue
-            paper = PAPER.get(row if row != "textmoe-single" else "", ("—", "—"))
+            paper = PAPER.get((row, ratio), ("—", "—"))
             table.append("| " + " | ".join([
                 LABELS[row], f"{ratio:.0%}", *[fmt(per[n]) for n in names], fmt(mean_d), fmt(all_i),
                 " / ".join(paper), "/".join(str(s) for s in sorted(set(steps))),

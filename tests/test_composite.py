@@ -47,11 +47,26 @@ def test_two_roots_with_clashing_ids_are_qualified_by_domain(roots):
     assert dataset_fingerprint(both, [a, b]) != dataset_fingerprint(one, a)
 
 
+def test_a_composite_fingerprint_survives_moving_one_root(roots, tmp_path):
+    """Paths count relative to each sample's own root, not to the roots' common folder."""
+    import shutil
+
+    a, _, ct = roots
+    fp = dataset_fingerprint(validate_dataset([a, ct]), [a, ct])
+    moved = tmp_path / "elsewhere" / "deeper" / "ct"
+    shutil.copytree(ct, moved)
+    assert dataset_fingerprint(validate_dataset([a, moved]), [a, moved]) == fp
+    mask = min((moved / "Test_Folder" / "labelcol").iterdir())
+    mask.write_bytes(mask.read_bytes() + b"\0")  # the same names, another file
+    assert dataset_fingerprint(validate_dataset([a, moved]), [a, moved]) != fp
+
+
 def test_sources_are_named_by_folder_or_name_and_round_trip(roots, tmp_path):
     a, b, _ = roots
     src = DataSources.parse([f"xray={a}", str(b)])
     assert [src.default_name(i) for i in range(2)] == ["xray", "cxr_b"]
     assert src.label == "xray+cxr_b" and DataSources.parse(src.record()) == src
+    assert DataSources.parse(tmp_path / "mnt" / "qata" / "manifest.csv").label == "qata"  # its folder, as before
     assert DataSources.parse(str(a)).record() == str(a)  # one root: the plain path, as before
     assert {s.domain for s in validate_dataset(src)} == {"xray", "cxr_b"}
     with pytest.raises(ValueError, match="both named 'cxr'"):
@@ -106,6 +121,27 @@ def test_oversampling_balances_the_domains_of_an_epoch():
     assert oversample_factors(_samples({"cxr": 5}), "balance").tolist() == [1] * 5
     with pytest.raises(ValueError, match="NAME=INT"):
         oversample_factors(samples, "ct:2")
+    # Keywords in any case; names as the domains are spelled, and only the data's domains.
+    assert oversample_factors(samples, " Balance ").tolist() == f.tolist()
+    assert oversample_factors(_samples({"CT": 2, "cxr": 6}), "CT=2").tolist() == [2, 2] + [1] * 6
+    with pytest.raises(ValueError, match="'ct' is not a domain"):
+        oversample_factors(_samples({"CT": 2, "cxr": 6}), "ct=2")
+
+
+def test_oversampled_composite_data_trains_epi_and_bad_settings_are_refused_before_writing(roots, tmp_path):
+    """An oversampled epoch has more items than images: the EPI bank is sized by images.
+    A malformed oversampling rule or a repeated domain is refused before anything is written."""
+    a, _, ct = roots
+    out = tmp_path / "epi"
+    r = cli("train", "--preset", "lvit-t-semi", *SMOKE, "data.oversample=ct=2", "--data", a, "--data", ct,
+            "--labeled-ratio", "0.5", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "metrics.json").read_text())["Test"]["domains"].keys() == {"ct", "cxr"}
+    for bad, msg in (("data.oversample=mr=2", "'mr' is not a domain"),
+                     ("data.domains=[ct, cxr, ct]", "more than once")):
+        r = cli("train", "--preset", "unet", *SMOKE, bad, "--data", a, "--data", ct, "--out", tmp_path / "bad")
+        assert r.exit_code == 2 and msg in r.output, r.output
+        assert not (tmp_path / "bad").exists()
 
 
 def test_domain_reaches_the_batch_and_oversampled_images_repeat(roots):
@@ -165,6 +201,8 @@ def test_cli_composite_train_evaluate_report(roots, tmp_path):
     # Evaluate on the same roots in another order: the run's own data (same fingerprint).
     r = cli("evaluate", out, "--data", ct, "--data", a, "--split", "Test")
     assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert all(any(f" {n} │" in x for x in lines) for n in ("all", "ct", "cxr", "mean")), r.output
     # A root whose domain the run never saw is refused before anything is written.
     r = cli("evaluate", out, "--data", f"mr={ct}", "--data", a, "--split", "Test")
     assert r.exit_code == 2 and "not among the run's domains" in r.output
@@ -183,6 +221,28 @@ def test_cli_composite_train_evaluate_report(roots, tmp_path):
     assert len(list((tmp_path / "p" / "masks").iterdir())) == len(list(images.iterdir()))
     r = cli("check-data", a, ct)
     assert r.exit_code == 0 and "domain ct" in r.output and "domain cxr" in r.output
+
+
+def test_one_manifest_with_a_domain_column_trains_like_two_roots(roots, tmp_path):
+    """`train --data manifest.csv`: the domain column gives the same domains, ids and splits
+    as `--data cxr --data ct`."""
+    a, _, ct = roots
+    samples = validate_dataset([a, ct])
+    manifest = tmp_path / "all.csv"
+    with open(manifest, "w", newline="") as h:
+        w = csv.writer(h)
+        w.writerow(["image", "mask", "text", "split", "domain"])
+        for s in samples:
+            w.writerow([s.image_path, s.mask_path or "", s.text, s.split, s.domain])
+    assert {s.id for s in validate_dataset(manifest)} == {s.id for s in samples}
+    out = tmp_path / "run"
+    r = cli("train", "--preset", "textmoe", *SMOKE, "--data", manifest, "--labeled-ratio", "0.5", "--out", out)
+    assert r.exit_code == 0, r.output
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["data"]["domains"] == ["ct", "cxr"]
+    roots_split = split_by_ratio(samples, 0.5, seed=cfg["train"]["seed"]).labeled
+    assert json.loads((out / "split.json").read_text())["labeled"] == list(roots_split)
+    assert set(json.loads((out / "metrics.json").read_text())["Test"]["domains"]) == {"ct", "cxr"}
 
 
 def test_the_runs_domains_size_the_indicator_and_reach_inference():

@@ -57,10 +57,31 @@ def test_overrides_are_typed():
     (["train.max_epochs=abc"], "expects a int"),
     (["network.use_text=3"], "true/false"),
     (["novalue"], "key=value"),
+    (["network.options=null"], "expects a mapping"),
+    (["data.domains=cxr"], "expects a list"),
 ])
 def test_bad_overrides(bad, match):
     with pytest.raises(ConfigError, match=match):
         load_preset("lvit-t", "smoke", bad)
+
+
+@pytest.mark.parametrize("preset, options, match", [
+    ("textmoe", "{img_size: 64}", "come.s. from the config"),
+    ("textmoe", "{num_domains: 3}", "come.s. from the config"),
+    ("unet", "{drop_path: 0.1}", "unknown option.s. drop_path for network 'unet'; it takes upsample, num_convs"),
+    ("textmoe", "{indicator: false}", None),
+])
+def test_network_options_are_checked_with_the_config(preset, options, match):
+    """A wrong network option is refused by check_config (before a run writes anything),
+    not by the network build minutes later."""
+    from medtextseg.methods import method_class
+
+    cfg = load_preset(preset, "smoke", [f"network.options={options}"])
+    if match is None:
+        method_class(cfg.method).check_config(cfg)
+        return
+    with pytest.raises(ValueError, match=match):
+        method_class(cfg.method).check_config(cfg)
 
 
 def test_unknown_preset_and_tier():

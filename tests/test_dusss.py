@@ -147,7 +147,7 @@ def _cli_train(data, out, *extra):
                "--labeled-ratio", "0.25", *extra)
 
 
-@pytest.mark.parametrize("case", ["missing", "size", "text", "leak", "not-a-vlm"])
+@pytest.mark.parametrize("case", ["missing", "size", "text", "leak", "leak-composite", "not-a-vlm"])
 def test_train_refuses_a_missing_or_unfitting_vlm_and_writes_nothing(case, data, vlm_run, tmp_path):
     out = tmp_path / "run"
     if case == "missing":
@@ -163,6 +163,13 @@ def test_train_refuses_a_missing_or_unfitting_vlm_and_writes_nothing(case, data,
         res = cli("train", "--preset", "dusss", "--tier", "smoke", "--data", data, "--out", out,
                   "--labeled-ratio", "0.1", "--vlm", vlm_run)
         assert "unlabeled" in res.output and "mask_supervision=false" in res.output
+    elif case == "leak-composite":  # the VLM's root is one domain of this run: checked on it
+        from medtextseg.data.synthetic import GENERATORS
+
+        GENERATORS["lung-ct"](tmp_path / "ct", n=12, seed=0, size=64)
+        res = cli("train", "--preset", "dusss", "--tier", "smoke", "--data", data, "--data", tmp_path / "ct",
+                  "--out", out, "--labeled-ratio", "0.1", "--vlm", vlm_run)
+        assert f"unlabeled (e.g. {data.name}/" in res.output, res.output
     else:
         res = _cli_train(data, out, "--vlm", data)
         assert "not a pre-training run" in res.output

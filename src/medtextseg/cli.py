@@ -359,16 +359,23 @@ def _print_retrieval(metrics: dict, title: str) -> None:
 def _print_metrics(metrics: dict, title: str) -> None:
     from medtextseg.data.fingerprint import data_label
 
-    table = Table(title=title)
-    for col in ("split", "images", "Dice %", "IoU %", "Dice % (orig.)", "IoU % (orig.)", "data"):
+    splits = {k: m for k, m in metrics.items() if isinstance(m, dict) and "dice" in m}
+    composite = any(m.get("domains") for m in splits.values())
+    # Composite data: a row per domain, then "mean", the unweighted mean of the domain means.
+    table = Table(title=title, caption="domain 'all': every image; 'mean': the mean of the domain means"
+                  if composite else None)
+    keys = ("dice", "iou", "dice_orig", "iou_orig")
+    for col in ("split", *(["domain"] if composite else []), "images", "Dice %", "IoU %", "Dice % (orig.)",
+                "IoU % (orig.)", "data"):
         table.add_column(col, justify="right")
-    for split, m in metrics.items():
-        if not isinstance(m, dict) or "dice" not in m:
-            continue
+    for split, m in splits.items():
         d = m.get("data") or {}
-        where = data_label(d) if d else "—"
-        table.add_row(split, str(m["n"]), *(f"{100 * m[k]:.2f}" for k in ("dice", "iou", "dice_orig", "iou_orig")),
-                      where)
+        row = [f"{100 * m[k]:.2f}" for k in keys]
+        table.add_row(split, *(["all"] if composite else []), str(m["n"]), *row, data_label(d) if d else "—")
+        for name, fig in (m.get("domains") or {}).items():
+            table.add_row(split, name, str(fig["n"]), *(f"{100 * fig[k]:.2f}" for k in keys), "")
+        if m.get("domain_mean"):
+            table.add_row(split, "mean", "", *(f"{100 * m['domain_mean'][k]:.2f}" for k in keys), "")
     console.print(table)
 
 

@@ -374,6 +374,8 @@ def _coerce(current: Any, value: Any, path: str) -> Any:
     if isinstance(current, dict) and isinstance(value, dict):
         # --set network.options.drop_path=0.1 adds one option; it does not drop the others.
         return {**current, **value}
+    if isinstance(current, dict):
+        raise ConfigError(f"{path} expects a mapping, got {value!r} (e.g. --set {path}={{key: value}})")
     if isinstance(current, list) and not isinstance(value, list):
         raise ConfigError(f"{path} expects a list, got {value!r} (e.g. --set {path}=[a,b])")
     if isinstance(current, float) and isinstance(value, int):

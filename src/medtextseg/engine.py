@@ -45,7 +45,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from medtextseg.config import Config, ConfigError, read_config, save_config
-from medtextseg.data.fingerprint import dataset_fingerprint, describe_data
+from medtextseg.data.fingerprint import dataset_fingerprint, describe_data, domain_fingerprints
 from medtextseg.data.io import read_mask
 from medtextseg.data.module import (
     SegDataModule,
@@ -54,9 +54,10 @@ from medtextseg.data.module import (
     make_dataset,
     make_loader,
     mask_to_labels,
+    parse_oversample,
 )
 from medtextseg.data.sample import Sample
-from medtextseg.data.sources import DataArg, DataSources, domain_names
+from medtextseg.data.sources import ID_SEPARATOR, DataArg, DataSources, domain_names
 from medtextseg.data.splits import SPLIT_FILE, LabeledSplit, apply_split, make_split
 from medtextseg.data.validation import check_split_names, dataset_notes, validate_dataset
 from medtextseg.methods import SegMethod, method_class
@@ -325,8 +326,16 @@ def _with_domains(cfg: Config, samples: list[Sample], data: DataSources) -> Conf
     """``cfg`` with ``data.domains`` (the modality indicator's order, saved in config.yaml):
     the data's sorted domain names when unset; a set list must name every domain of the data."""
     names = domain_names(samples)
+    try:
+        parse_oversample(cfg.data.oversample, names)
+    except ValueError as e:
+        raise RunError(f"{data}: {e} (--set data.oversample=...)") from None
     if not cfg.data.domains:
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, domains=names))
+    repeated = sorted({n for n in cfg.data.domains if cfg.data.domains.count(n) > 1})
+    if repeated:
+        raise RunError(f"data.domains lists {', '.join(repeated)} more than once ({', '.join(cfg.data.domains)}); "
+                       "give each domain once (--set data.domains=[...])")
     missing = [n for n in names if n not in cfg.data.domains]
     if missing:
         raise RunError(f"{data}: domain(s) {', '.join(missing)} are not in data.domains "
@@ -448,7 +457,7 @@ def _pretrain_preset_for(name: str) -> str:
 
 def _check_pretrained_run(cfg: Config, method_cls: type[SegMethod], vlm: Path | None, out: Path, *,
                           resume: bool, all_samples: list[Sample], fingerprint: str,
-                          samples: list[Sample]) -> tuple[Path, Path] | None:
+                          samples: list[Sample], data: DataSources) -> tuple[Path, Path] | None:
     """The checks of ``train --vlm RUN``, all before anything is written.
 
     Returns ``(checkpoint, run)`` of the pre-training run to copy into the new run, or
@@ -503,24 +512,56 @@ def _check_pretrained_run(cfg: Config, method_cls: type[SegMethod], vlm: Path | 
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise RunError(f"--vlm {vlm}: its model cannot be loaded here ({e}); pre-train it again") from None
     del module
-    if info.get("train_masks") and info.get("data_fingerprint") == fingerprint:
-        # The same data: the VLM must have read no mask that this run withholds.
-        split_file = run / SPLIT_FILE
-        seen = set(LabeledSplit.load(split_file).labeled) if split_file.is_file() else {
-            s.id for s in all_samples if s.split == "Train" and s.labeled}
-        kept = {s.id for s in samples if s.split == "Train" and s.labeled}
-        leaked = sorted(seen - kept)
-        if leaked:
-            raise RunError(
-                f"--vlm {vlm} was trained on the masks of {len(leaked)} Train images that this run treats as "
-                f"unlabeled (e.g. {', '.join(leaked[:3])}): pre-train with this run's split (the same "
-                f"--labeled-ratio {cfg.data.labeled_ratio:g} and --seed {cfg.train.seed}, or --labeled-ids), or "
-                "with --set vlm.mask_supervision=false")
-    elif info.get("data_fingerprint") != fingerprint:
+    leaked = _leaked_masks(info, run / SPLIT_FILE, all_samples, samples, fingerprint, data) if info.get(
+        "train_masks") else []
+    if leaked:
+        raise RunError(
+            f"--vlm {vlm} was trained on the masks of {len(leaked)} Train images that this run treats as "
+            f"unlabeled (e.g. {', '.join(leaked[:3])}): pre-train with this run's split (the same "
+            f"--labeled-ratio {cfg.data.labeled_ratio:g} and --seed {cfg.train.seed}, or --labeled-ids), or "
+            "with --set vlm.mask_supervision=false")
+    if info.get("data_fingerprint") != fingerprint:
         log.info("%s was pre-trained on other data (%s)", vlm, info.get("data"))
     if not info.get("finished"):
         log.warning("%s has not finished pre-training: using its %s", vlm, ckpt.name)
     return ckpt, run
+
+
+def _leaked_masks(info: dict, split_file: Path, all_samples: list[Sample], samples: list[Sample],
+                  fingerprint: str, data: DataSources) -> list[str]:
+    """Ids of Train images whose masks a pre-trained model read and this run withholds.
+
+    The model's data is matched to this run's as a whole (the same fingerprint) or per
+    domain (``data_fingerprints`` in its run.json): a model pre-trained on one root of
+    this composite dataset, or on a composite dataset that holds this run's root, is
+    checked on the images they share. What the model read is its split.json's labeled
+    ids, or every labeled Train image of the shared data when it has none.
+    """
+    vlm_split = LabeledSplit.load(split_file).labeled if split_file.is_file() else None
+    kept = {s.id for s in samples if s.split == "Train" and s.labeled}
+
+    def read(pool: list[Sample], ids) -> set[str]:
+        return {s.id for s in pool if s.split == "Train" and s.labeled and (ids is None or s.id in ids)}
+
+    if info.get("data_fingerprint") == fingerprint:
+        return sorted(read(all_samples, None if vlm_split is None else set(vlm_split)) - kept)
+    theirs: dict = info.get("data_fingerprints") or {}
+    if not theirs:
+        return []
+    ours = domain_fingerprints(all_samples, data)
+    composite = len(ours) > 1
+    leaked: set[str] = set()
+    for their_domain, fp in theirs.items():
+        for domain in (d for d, f in ours.items() if f == fp):
+            pool = [s for s in all_samples if s.domain == domain]
+            ids = None
+            if vlm_split is not None:
+                # Bring the model's ids (qualified when its data had several domains) to this run's.
+                stems = {i.split(ID_SEPARATOR, 1)[1] if len(theirs) > 1 else i for i in vlm_split
+                         if len(theirs) == 1 or i.startswith(f"{their_domain}{ID_SEPARATOR}")}
+                ids = {f"{domain}{ID_SEPARATOR}{i}" if composite else i for i in stems}
+            leaked |= read(pool, ids) - kept
+    return sorted(leaked)
 
 
 def _pretrained_record(ckpt: Path, run: Path) -> dict:
@@ -569,7 +610,7 @@ def train(cfg: Config, data: DataArg | None, out: Path, *, vlm: Path | None = No
     if not any(s.split == "Train" and s.labeled for s in samples):
         raise RunError(f"{data} has no labeled Train images to train on")
     pretrained = _check_pretrained_run(cfg, method_cls, vlm, out, resume=resume, all_samples=all_samples,
-                                       fingerprint=fingerprint, samples=samples)
+                                       fingerprint=fingerprint, samples=samples, data=data)
     callbacks, early = _run_callbacks(cfg, out, MONITOR, extra_callbacks)
     trainer = _build_trainer(cfg, out, callbacks, progress)
     return _in_run_dir(out, resume=resume, overwrite=overwrite, body=lambda child: _fit(
@@ -651,7 +692,8 @@ def pretrain(cfg: Config, data: DataArg | None, out: Path, *, resume: bool = Fal
         if not child:
             _start_run_files(cfg, out, resume=resume, run_info=run_info, split=split, new_info=lambda: {
                 "kind": module_cls.kind, "pretrain": cfg.pretrain, "data": data.record(),
-                "data_fingerprint": fingerprint, **module.run_info(), "train_masks": n_masks})
+                "data_fingerprint": fingerprint, "data_fingerprints": domain_fingerprints(all_samples, data),
+                **module.run_info(), "train_masks": n_masks})
         dm = module.datamodule(samples, seed=cfg.train.seed)
         if not _fit_and_finish(trainer, module, dm, out, early, resume=resume):
             return {}

@@ -166,6 +166,34 @@ def domain_index(samples: Sequence[Sample], domains: Sequence[str]) -> np.ndarra
     return np.array([at[s.domain] for s in samples], np.int64)
 
 
+def parse_oversample(how: str, domains: Sequence[str]) -> dict[str, int] | str:
+    """``data.oversample`` checked against the data's domain names: ``"balance"`` or
+    ``"none"`` (keywords, any case), or ``{domain: factor}`` from ``"ct=3,cxr=1"`` (names
+    as the domains are spelled; unnamed domains get 1).
+
+    Raises:
+        ValueError: a malformed value, a factor below 1, or a name that is not a domain.
+    """
+    if how.strip().lower() in ("balance", "none"):
+        return how.strip().lower()
+    factor: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in how.split(","))):
+        name, _, value = (x.strip() for x in part.partition("="))
+        try:
+            factor[name] = int(value)
+        except ValueError:
+            raise ValueError(f"data.oversample={how!r}: write balance, none or NAME=INT,NAME=INT "
+                             "(e.g. ct=3,cxr=1)") from None
+        if factor[name] < 1:
+            raise ValueError(f"data.oversample: the factor of {name!r} must be at least 1")
+        if name not in domains:
+            raise ValueError(f"data.oversample: {name!r} is not a domain of the data "
+                             f"({', '.join(domains)}); name the domains as they are spelled")
+    if not factor:
+        raise ValueError(f"data.oversample={how!r}: write balance, none or NAME=INT,NAME=INT (e.g. ct=3,cxr=1)")
+    return factor
+
+
 def oversample_factors(samples: Sequence[Sample], how: str) -> np.ndarray:
     """``[N]`` times each sample appears in a training epoch (``data.oversample``).
 
@@ -173,28 +201,19 @@ def oversample_factors(samples: Sequence[Sample], how: str) -> np.ndarray:
     1 everywhere; ``"ct=3,cxr=1"``: the given factors (unnamed domains 1). One domain: 1.
 
     Raises:
-        ValueError: a malformed ``how`` or a factor below 1.
+        ValueError: see :func:`parse_oversample`.
     """
     counts: dict[str, int] = {}
     for s in samples:
         counts[s.domain] = counts.get(s.domain, 0) + 1
-    how = how.strip().lower()
-    if how == "none" or len(counts) <= 1:
+    rule = parse_oversample(how, sorted(counts))
+    if rule == "none" or len(counts) <= 1:
         factor = dict.fromkeys(counts, 1)
-    elif how == "balance":
+    elif rule == "balance":
         largest = max(counts.values())
         factor = {d: max(1, round(largest / n)) for d, n in counts.items()}
     else:
-        factor = dict.fromkeys(counts, 1)
-        for part in filter(None, (p.strip() for p in how.split(","))):
-            name, _, value = part.partition("=")
-            try:
-                factor[name.strip()] = int(value)
-            except ValueError:
-                raise ValueError(f"data.oversample={how!r}: write balance, none or NAME=INT,NAME=INT "
-                                 "(e.g. ct=3,cxr=1)") from None
-            if factor[name.strip()] < 1:
-                raise ValueError(f"data.oversample: the factor of {name.strip()!r} must be at least 1")
+        factor = rule
     return np.array([factor.get(s.domain, 1) for s in samples], np.int64)
 
 
@@ -252,6 +271,11 @@ class SegDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.order)
+
+    @property
+    def num_images(self) -> int:
+        """Distinct images (``len`` counts oversampled and repeated visits)."""
+        return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
         i = int(self.order[i])

@@ -95,16 +95,22 @@ class DataSources:
 
     @property
     def label(self) -> str:
-        """A short name for folder names and tables: the folder name, or ``cxr+ct``."""
+        """A short name for folder names and tables: the dataset's (or a manifest's) folder
+        name, as before composite data existed; ``cxr+ct`` for several roots."""
         if not self.composite:
-            return self.roots[0][1].name if self.roots[0][1].suffix.lower() != ".csv" else self.roots[0][1].stem
+            return self.folders[0].name
         return "+".join(self.default_name(i) for i in range(len(self.roots)))
+
+    @property
+    def folders(self) -> list[Path]:
+        """Each root's folder: the dataset folder, or a manifest's folder."""
+        return [p.parent if p.suffix.lower() == ".csv" else p for _, p in self.roots]
 
     @property
     def base(self) -> Path:
         """The folder that file names are taken relative to (fingerprints, messages): the
         dataset folder or a manifest's folder; for several roots, their common folder."""
-        folders = [p.parent if p.suffix.lower() == ".csv" else p for _, p in self.roots]
+        folders = self.folders
         if len(folders) == 1:
             return folders[0]
         return Path(os.path.commonpath([str(f) for f in folders]))

@@ -95,7 +95,8 @@ def split_from_ids(samples: Sequence[Sample], labeled_ids: Sequence[str], seed: 
     unknown = sorted(set(labeled_ids) - set(ids))
     if unknown:
         raise SplitError(f"{source or 'labeled ids'}: {len(unknown)} id(s) are not labeled Train images of the "
-                         f"dataset, e.g. {', '.join(unknown[:5])}; list image ids (file stems) of Train_Folder")
+                         f"dataset, e.g. {', '.join(unknown[:5])}; list image ids (file stems) of Train_Folder, "
+                         "as <domain>/<stem> when the data has several domains (e.g. cxr/covid_1)")
     if not labeled_ids:
         raise SplitError(f"{source or 'labeled ids'} lists no image; at least one labeled image is needed")
     keep = set(labeled_ids)

@@ -14,7 +14,7 @@ from medtextseg.data.module import check_patch_options
 from medtextseg.inference import sliding_window_logits
 from medtextseg.losses import DiceCE
 from medtextseg.metrics import binarize, dice_iou_per_image
-from medtextseg.nets import build_network
+from medtextseg.nets import build_network, check_network_options
 from medtextseg.text.encoders import build_text_encoder
 
 
@@ -70,6 +70,7 @@ class SegMethod(L.LightningModule):
     def check_config(cls, cfg: Config) -> None:
         """Raise ``ValueError`` for a config this method cannot train (called before anything is written)."""
         check_patch_options(cfg.data)
+        check_network_options(cfg.network.name, cfg.network.options)
         if cfg.data.patches and not cls.supports_patches:
             raise ValueError(f"{cls.__name__} keeps per-image maps at data.img_size and cannot train on patches; "
                              "set data.patches=false")

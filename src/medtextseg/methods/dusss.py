@@ -165,7 +165,7 @@ class DuSSS(MeanTeacher):
         from medtextseg.pretrain.base import PRETRAINED_DIR, load_pretrained
 
         unl = self.trainer.datamodule.datasets.get("Unlabeled")
-        if unl is None or len(unl) == 0:
+        if unl is None or unl.num_images == 0:
             log.warning("no unlabeled training images: DuSSS trains on the labeled images only")
             return
         start = time.perf_counter()

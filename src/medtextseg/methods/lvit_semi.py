@@ -230,18 +230,18 @@ class LViTSemi(SemiSupervised):
             return
         dm = self.trainer.datamodule
         unl = dm.datasets.get("Unlabeled")
-        if unl is None or len(unl) == 0:
+        if unl is None or unl.num_images == 0:
             log.warning("no unlabeled training images: %s trains on the labeled images only", type(self).__name__)
             return
         s, size = self.cfg.semi, self.cfg.data.img_size
-        nbytes = len(unl) * size * size * np.dtype(BANK_DTYPES.get(s.bank_dtype, np.float32)).itemsize
+        nbytes = unl.num_images * size * size * np.dtype(BANK_DTYPES.get(s.bank_dtype, np.float32)).itemsize
         workers = self.cfg.data.num_workers > 0
         path = None
         if nbytes > s.bank_memmap_mb * 2**20:
             # One file per DDP rank: each rank keeps (identical) banks of its own.
             name = BANK_FILE if self.trainer.world_size == 1 else f"rank{self.global_rank}.{BANK_FILE}"
             path = Path(self.trainer.default_root_dir) / name
-        self.bank = PseudoLabelBank(len(unl), size, s.beta if s.epi else 0.0, s.bank_dtype, path, shared=workers)
+        self.bank = PseudoLabelBank(unl.num_images, size, s.beta if s.epi else 0.0, s.bank_dtype, path, shared=workers)
         contrast = match = None
         if s.lv_loss:
             lab = dm.datasets["Train"]

@@ -53,6 +53,7 @@ __all__ = [
     "TextMoENet",
     "UNet",
     "build_network",
+    "check_network_options",
 ]
 
 #: Transformer blocks per ViT module of the LViT sizes (paper §4.4, Table 3).
@@ -83,6 +84,37 @@ _EXTRA_OPTIONS = {
     "lvit": ("num_heads", "mlp_ratio", "dropout"),
     "textmoe": ("depths", "encoder", "indicator", "drop_path"),
 }
+
+
+def check_network_options(name: str, options: Any) -> None:
+    """Check a config's ``network.options`` for network ``name`` before anything is built:
+    a mapping of the family's own options (:data:`_EXTRA_OPTIONS`); the common options
+    come from their config fields (``data.img_size``, ``network.base_width``, ...).
+
+    Raises:
+        ValueError: not a mapping, a common option, or an option the network does not take.
+    """
+    if not isinstance(options, dict):
+        # ValueError, not TypeError: check_config's refusals are all ValueErrors.
+        raise ValueError(  # noqa: TRY004
+            f"network.options must be a mapping (e.g. {{drop_path: 0.1}}), got {options!r}")
+    key = str(name).strip().lower().replace("_", "-")
+    if key not in NETWORK_NAMES:
+        raise ValueError(f"unknown network {name!r}; valid names: {', '.join(NETWORK_NAMES)}")
+    common = sorted(set(options) & set(_COMMON_OPTIONS))
+    if common:
+        raise ValueError(f"network.options: {', '.join(common)} come(s) from the config (data.img_size, "
+                         "data.in_channels, data.num_classes, data.domains, network.base_width, network.use_text, "
+                         "text.max_len); set those instead")
+    extra = _EXTRA_OPTIONS[_family(key)]
+    unknown = sorted(set(options) - set(extra))
+    if unknown:
+        raise ValueError(f"network.options: unknown option(s) {', '.join(unknown)} for network {key!r}; "
+                         f"it takes {', '.join(extra)}")
+
+
+def _family(key: str) -> str:
+    return "unet" if key == "unet" else "textmoe" if key in TEXTMOE_DECODERS else "lvit"
 
 
 def build_network(name: str, **options: Any) -> nn.Module:
@@ -119,7 +151,7 @@ def build_network(name: str, **options: Any) -> nn.Module:
     key = str(name).strip().lower().replace("_", "-")
     if key not in NETWORK_NAMES:
         raise ValueError(f"unknown network {name!r}; valid names: {', '.join(NETWORK_NAMES)}")
-    family = "unet" if key == "unet" else "textmoe" if key in TEXTMOE_DECODERS else "lvit"
+    family = _family(key)
     valid = _COMMON_OPTIONS + _EXTRA_OPTIONS[family]
     unknown = sorted(set(options) - set(valid))
     if unknown:
