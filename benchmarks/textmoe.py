@@ -207,9 +207,11 @@ def main() -> None:
         for row in args.rows:
             per: dict[str, list[float]] = {n: [] for n in names}
             mean_d, all_i, steps, spe = [], [], [], []
+            seeds_done: set[int] = set()
             for seed in args.seeds:
                 if row in PER_DOMAIN:
                     preset, sets = PER_DOMAIN[row]
+                    got = {}
                     for name, root in zip(names, args.domains, strict=True):
                         run = args.out / f"r{ratio:g}" / f"{row}-s{seed}-{name}"
                         if args.collect and not (run / "metrics.json").is_file():
@@ -217,11 +219,13 @@ def main() -> None:
                         scale = n_train_all / n_train[name]
                         m = train_in_child(preset, args.tier, overrides(row, preset, sets, ratio, seed, args.tier,
                                                                         args.overrides, scale), [root], run)
-                        per[name].append(m[args.split]["dice"])
+                        got[name] = m[args.split]["dice"]
+                        per[name].append(got[name])
                         steps.append(optimizer_steps(run))
                         spe.append(m["seconds_per_epoch"])
-                    if all(per[n] for n in names) and len(per[names[0]]) == len(per[names[-1]]):
-                        mean_d.append(statistics.mean(per[n][-1] for n in names))
+                    if len(got) == len(names):  # this seed ran on every domain
+                        mean_d.append(statistics.mean(got.values()))
+                        seeds_done.add(seed)
                 else:
                     preset, sets = JOINT[row]
                     run = args.out / f"r{ratio:g}" / f"{row}-s{seed}"
@@ -234,6 +238,7 @@ def main() -> None:
                         per[n].append(fig["domains"][n]["dice"])
                     mean_d.append(fig["domain_mean"]["dice"])
                     all_i.append(fig["dice"])
+                    seeds_done.add(seed)
                     steps.append(optimizer_steps(run))
                     spe.append(m["seconds_per_epoch"])
                     if load_preset(preset, args.tier, sets).network.name.startswith("textmoe"):
@@ -249,7 +254,7 @@ def main() -> None:
             table.append("| " + " | ".join([
                 LABELS[row], f"{ratio:.0%}", *[fmt(per[n]) for n in names], fmt(mean_d), fmt(all_i),
                 " / ".join(paper), "/".join(str(s) for s in sorted(set(steps))),
-                f"{statistics.mean(spe):.1f}", str(len(args.seeds))]) + " |")
+                f"{statistics.mean(spe):.1f}", str(len(seeds_done))]) + " |")
     parts = [(f"{' + '.join(args.domains)}: {args.split} split, tier {args.tier}, overrides: "
              f"{' '.join(args.overrides) or 'none'}"), "", *table, "",
              ("Per-dataset rows: one run per domain on that domain alone; joint rows: one model on all "

@@ -155,23 +155,38 @@ def _overrides(set_: list[str] | None, extra: list[str]) -> list[str]:
     return pairs
 
 
+# images of a non-case generator when --n is not given
+_DEFAULT_SYNTH_N = 1000
+
+
 @app.command()
 @friendly
 def synth(
-    kind: Annotated[str, typer.Argument(help="Generator: chest-xray or lung-ct.")],
+    kind: Annotated[str, typer.Argument(help="Generator: chest-xray, lung-ct or spine-mr.")],
     out: Annotated[Path, typer.Option(help="Folder to write the dataset to (LViT layout).")],
-    n: Annotated[int, typer.Option(help="Number of images over all splits.")] = 1000,
+    n: Annotated[int | None, typer.Option(help="Number of images over all splits (default 1000; spine-mr: at most this many slices).", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 0,
-    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
+    size: Annotated[int, typer.Option(help="Image side in pixels (spine-mr: width; height is twice it).")] = 256,
     text_noise: Annotated[float, typer.Option(help="Fraction of texts with real-world annotation noise (QaTa: 0.07).")] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    n_cases: Annotated[int | None, typer.Option(help="Case-based generators (spine-mr): number of cases (default 60).", show_default=False)] = None,
 ):
     """Write a synthetic image+text dataset (Train/Val/Test folders + xlsx texts)."""
+    import inspect
+
     from medtextseg.data.synthetic import GENERATORS
 
     if kind not in GENERATORS:
         raise ValueError(f"unknown generator {kind!r}; available: {', '.join(GENERATORS)}")
-    summary = GENERATORS[kind](out, n=n, seed=seed, size=size, text_noise=text_noise, overwrite=overwrite)
+    generate = GENERATORS[kind]
+    extra = {}
+    if "n_cases" in inspect.signature(generate).parameters:
+        extra["n_cases"] = n_cases
+    elif n_cases is not None:
+        raise ValueError(f"--n-cases applies to case-based generators only; {kind} takes --n")
+    elif n is None:
+        n = _DEFAULT_SYNTH_N
+    summary = generate(out, n=n, seed=seed, size=size, text_noise=text_noise, overwrite=overwrite, **extra)
     table = Table(title=f"wrote {summary.get('out', out)}", show_header=False)
     for key, value in summary.items():
         if key == "out":

@@ -14,9 +14,13 @@
   are byte-identical whatever the worker count.
 
 A generator supplies a module-level ``make_item(seed, index, config, text_noise)`` that
-returns ``(item, text)``, where ``item`` has ``image``, ``mask`` (``(S, S)`` uint8),
+returns ``(item, text)``, where ``item`` has ``image``, ``mask`` (``(H, W)`` uint8),
 ``text`` (the clean description) and ``layout`` (a
-:class:`~medtextseg.data.synthetic.qata_grammar.Layout`).
+:class:`~medtextseg.data.synthetic.qata_grammar.Layout`, or ``None`` for a generator
+without lesion layouts). Binary generators write masks {0, 255}; a multi-class one
+(``spine-mr``) writes class ids ``0..K-1`` as they are (the PNG holds the uint8 values,
+nothing here rescales them). Case-based generators pass ``names`` (file names carrying
+case and slice) and ``groups`` (the case of each item) so a split holds whole cases.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -196,10 +200,10 @@ def item_name(index: int, n: int) -> str:
 class RenderedItem(Protocol):
     """What :func:`write_dataset` needs of a rendered item."""
 
-    image: np.ndarray  # (S, S) uint8
-    mask: np.ndarray  # (S, S) uint8, {0, 255}
+    image: np.ndarray  # (H, W) uint8
+    mask: np.ndarray  # (H, W) uint8, {0, 255} or class ids 0..K-1 (multi-class)
     text: str  # clean description of layout
-    layout: Layout
+    layout: Layout | None  # None: no lesion layout (bilateral counts as False)
 
 
 MakeItem = Callable[[int, int, Any, float], tuple[RenderedItem, str]]
@@ -235,7 +239,7 @@ def encode_item(job: ItemJob, index: int) -> EncodedItem:
         png_bytes(item.mask),
         text,
         text != item.text,
-        item.layout.bilateral,
+        item.layout is not None and item.layout.bilateral,
     )
 
 
@@ -259,6 +263,8 @@ def write_dataset(
     overwrite: bool = False,
     workers: int = 1,
     started: float | None = None,
+    names: Sequence[str] | None = None,
+    groups: Sequence[int] | None = None,
 ) -> dict:
     """Render items ``0..n-1`` of ``job`` and write them in the LViT layout.
 
@@ -274,13 +280,29 @@ def write_dataset(
             ``if __name__ == "__main__":`` guard). The files do not depend on it.
         started: ``time.perf_counter()`` at the start of the caller's work (for
             ``seconds``); now if not given.
+        names: ``n`` distinct file names (default :func:`item_name`), e.g. a case-based
+            generator's ``case_012_s07.png``.
+        groups: ``n`` group ids (e.g. the case of each slice): the groups, not the items,
+            are assigned to splits (fractions of groups), so no group spans two splits.
+            Default: every item its own group.
 
     Returns:
         Summary dict: ``out``, ``n``, ``splits`` (images per split), ``unique_texts``,
         ``noisy_texts``, ``bilateral_fraction``, ``seconds``.
     """
     t0 = time.perf_counter() if started is None else started
-    splits = assign_splits(n, split_fractions, split_rng(job.seed, streams))
+    if groups is None:
+        splits = assign_splits(n, split_fractions, split_rng(job.seed, streams))
+    else:
+        if len(groups) != n:
+            raise ValueError(f"groups must have n={n} entries, got {len(groups)}")
+        order = sorted(set(groups))
+        by_group = dict(
+            zip(order, assign_splits(len(order), split_fractions, split_rng(job.seed, streams)))
+        )
+        splits = [by_group[g] for g in groups]
+    if names is not None and (len(names) != n or len(set(names)) != n):
+        raise ValueError(f"names must be {n} distinct file names")
     workers = max(1, min(int(workers), n))
     counts = dict.fromkeys(SPLITS, 0)
     texts: set[str] = set()
@@ -294,7 +316,7 @@ def write_dataset(
         else:
             results = (encode_item(job, i) for i in range(n))
         for r in results:
-            name = item_name(r.index, n)
+            name = item_name(r.index, n) if names is None else names[r.index]
             writer.add_encoded(splits[r.index], name, r.image_png, r.mask_png, r.text)
             counts[splits[r.index]] += 1
             texts.add(r.text)

@@ -174,7 +174,8 @@ class LViTLayoutWriter:
             split: one of :data:`SPLITS`.
             name: file name of both the image and the mask (e.g. ``"synth_00012.png"``).
             image: ``(H, W)`` uint8 grayscale image.
-            mask: ``(H, W)`` uint8 mask with values {0, 255}.
+            mask: ``(H, W)`` uint8 mask: {0, 255} for a binary dataset, or class ids
+                ``0..K-1`` for a multi-class one (written as they are, not rescaled).
             text: the description, keyed by ``name`` in the split's xlsx.
         """
         if self._tmp is None:
