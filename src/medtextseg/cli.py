@@ -495,14 +495,14 @@ def models(
 
             module = pretrain_class(cfg.pretrain)(cfg.to_dict())
             table.add_row(name, f"pretrain: {cfg.pretrain}", f"vlm ({cfg.vlm.image_encoder})", cfg.vlm.text_encoder,
-                          f"{cfg.data.img_size}²", f"{count_parameters(module) / 1e6:.2f}", "—")
+                          cfg.data.size_label, f"{count_parameters(module) / 1e6:.2f}", "—")
             continue
         text_dim = build_text_encoder(cfg.text.encoder, max_len=cfg.text.max_len, dim=cfg.text.dim).dim
         net = network_from_config(cfg, text_dim)
-        g = count_gflops(net, img_size=(cfg.data.img_size, cfg.data.img_size), in_channels=cfg.data.in_channels,
+        g = count_gflops(net, img_size=cfg.data.size, in_channels=cfg.data.in_channels,
                          text_len=cfg.text.max_len, text_dim=text_dim) if gflops else float("nan")
         table.add_row(name, cfg.method, cfg.network.name, cfg.text.encoder if cfg.network.use_text else "—",
-                      f"{cfg.data.img_size}²", f"{count_parameters(net) / 1e6:.2f}", f"{g:.1f}")
+                      cfg.data.size_label, f"{count_parameters(net) / 1e6:.2f}", f"{g:.1f}")
     console.print(table)
 
 

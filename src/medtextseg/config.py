@@ -68,8 +68,8 @@ class TextConfig:
 @dataclass
 class DataConfig:
     """Input pipeline. ``augment`` is ``none``, ``rotate`` (±``rotate_degrees``),
-    ``lvit`` (the official LViT recipe: p=0.5 rot90+flip, else p=0.5 rotation) or
-    ``resize_crop`` (TextMoE's random resize-and-crop: a crop of a random
+    ``lvit`` (the official LViT recipe: p=0.5 rot90+flip, else p=0.5 rotation),
+    ``rotate_elastic`` (PromptSSL: rotation, elastic, contrast) or ``resize_crop`` (TextMoE's random resize-and-crop: a crop of a random
     ``crop_min_scale``-1 of each side at a random position, resized back).
 
     ``rotate`` is the default because flips and quarter turns swap the left/right
@@ -80,9 +80,15 @@ class DataConfig:
     network sees ``img_size``² crops in training and a sliding window at inference.
     """
 
-    img_size: int = 224
+    # The network's input size: an int S (S x S) or [H, W] (e.g. [512, 256] for sagittal
+    # spine slices); read it through ``size`` / ``area`` instead of assuming a square.
+    img_size: Any = 224
     in_channels: int = 3
+    # 1 = binary (one sigmoid channel); K >= 2 = K classes with 0 = background (softmax).
     num_classes: int = 1
+    # Names of the class ids 0..K-1 (background first); empty = the dataset's classes.txt
+    # (medtextseg.classes), which `train` writes here, else "class 1" ... "class K-1".
+    classes: list = field(default_factory=list)
     batch_size: int = 2
     eval_batch_size: int = 8
     num_workers: int = 0
@@ -114,6 +120,30 @@ class DataConfig:
     # factors. The labeled and the unlabeled sets are balanced separately.
     oversample: str = "balance"
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)`` of ``img_size`` (an int S means ``(S, S)``); ``ValueError`` if malformed."""
+        return image_size(self.img_size)
+
+    @property
+    def size_label(self) -> str:
+        """``224²`` for a square size, ``512×256`` (H×W) otherwise."""
+        h, w = self.size
+        return f"{h}²" if h == w else f"{h}×{w}"
+
+
+def image_size(value: Any, what: str = "data.img_size") -> tuple[int, int]:
+    """``(H, W)`` from an int S or a pair ``[H, W]`` of positive ints; else ``ValueError``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an int or [H, W], got {value!r}")  # noqa: TRY004
+    if isinstance(value, int):
+        value = (value, value)
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise ValueError(f"{what} must be a positive int S (S x S) or [H, W] of positive ints, "
+                         f"got {value!r} (e.g. --set {what}=224 or --set {what}=[512,256])")
+    return int(value[0]), int(value[1])
+
 
 @dataclass
 class OptimConfig:
@@ -130,10 +160,13 @@ class OptimConfig:
     # "adam" (torch.optim.Adam, L2 penalty weight_decay) or "adamw" (decoupled weight decay).
     optimizer: str = "adam"
     # "cosine_restarts" (per epoch, period t0), "cosine" (one cosine from lr to eta_min
-    # over the whole run, per optimizer step) or "none".
+    # over the whole run, per optimizer step), "multistep" (lr x gamma at each epoch of
+    # ``milestones``; PromptSSL: /5 at 100 and 200) or "none".
     scheduler: str = "cosine_restarts"
     t0: int = 10
     eta_min: float = 1e-4
+    milestones: list = field(default_factory=list)
+    gamma: float = 0.1
     lr_warmup_epochs: float = 0.0
     grad_clip: float = 0.0
 
@@ -243,6 +276,35 @@ class VLMConfig:
     # retrieval) or "text_dice" (the text mask's Val Dice: what DuSSS stage 2 consumes;
     # needs masks on every Val image).
     monitor: str = "r1"
+    # GLsc (pretrain: glsc, medtextseg.pretrain.glsc): the local semantic constraint L_LS
+    # (Eq. 1-2) and its weight; ``sss`` above is the global one's uncertainty cosine (Eq. 3-7).
+    # ``prompts``: how a class becomes a text prompt (medtextseg.text.prompts).
+    local_constraint: bool = True
+    local_weight: float = 1.0
+    prompts: str = "spine"
+
+
+@dataclass
+class PromptSSLConfig:
+    """PromptSSL stage 2 (``method: promptssl``, :mod:`medtextseg.methods.promptssl`).
+
+    ``prompt_mask``: merge the GLsc prompt-guided mask into the teacher's pseudo label
+    (Eq. 8, 13-15); ``false`` is Mean Teacher's step (no VLM needed). ``region`` /
+    ``feat``: L_region (Eq. 9) and L_feat (Eq. 10) on the VLM decoder, weights
+    ``region_weight`` (lambda_i) and ``feat_weight`` (lambda_f); the paper gives no values.
+    ``absent_from_text``: a class the slice's text calls ``none`` gets score s_c = 0 in
+    the stack of Eq. 8. ``mask_supervision``: the decoder also learns the labeled masks
+    (Dice + CE of the prompt mask). ``eps``: probabilities -> logits as log(clamp(p, eps)).
+    """
+
+    prompt_mask: bool = True
+    region: bool = True
+    region_weight: float = 0.1
+    feat: bool = True
+    feat_weight: float = 0.1
+    absent_from_text: bool = True
+    mask_supervision: bool = True
+    eps: float = 1e-4
 
 
 @dataclass
@@ -319,6 +381,7 @@ class Config:
     vlm: VLMConfig = field(default_factory=VLMConfig)
     dusss: DuSSSConfig = field(default_factory=DuSSSConfig)
     textmoe: TextMoEConfig = field(default_factory=TextMoEConfig)
+    promptssl: PromptSSLConfig = field(default_factory=PromptSSLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -328,7 +391,15 @@ class Config:
     def from_dict(cls, d: dict) -> Config:
         cfg = cls()
         _merge_into(cfg, d, "")
-        return cfg
+        return cfg._checked()
+
+    def _checked(self) -> Config:
+        """Fields typed ``Any`` whose shape is known (``data.img_size``), checked on load."""
+        try:
+            self.data.size  # noqa: B018
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return self
 
     def with_overrides(self, overrides: list[str]) -> Config:
         """Return a copy with ``key.sub=value`` overrides applied (values parsed as YAML)."""
@@ -342,7 +413,7 @@ class Config:
             for part in reversed(key.strip().split(".")):
                 nested = {part: nested}
             _merge_into(cfg, nested, "")
-        return cfg
+        return cfg._checked()
 
 
 def _merge_into(obj: Any, d: dict, prefix: str) -> None:

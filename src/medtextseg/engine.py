@@ -30,6 +30,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -44,6 +45,7 @@ from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, Model
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from medtextseg.classes import check_class_names, class_names, read_classes_file
 from medtextseg.config import Config, ConfigError, read_config, save_config
 from medtextseg.data.fingerprint import dataset_fingerprint, describe_data, domain_fingerprints
 from medtextseg.data.io import read_mask
@@ -61,7 +63,7 @@ from medtextseg.data.sources import ID_SEPARATOR, DataArg, DataSources, domain_n
 from medtextseg.data.splits import SPLIT_FILE, LabeledSplit, apply_split, make_split
 from medtextseg.data.validation import check_split_names, dataset_notes, validate_dataset
 from medtextseg.methods import SegMethod, method_class
-from medtextseg.metrics import binarize, dice_iou_per_image
+from medtextseg.metrics import binarize, dice_iou_per_class, dice_iou_per_image
 from medtextseg.text.encoders import build_text_encoder
 from medtextseg.utils import atomic_write_bytes, atomic_write_json
 
@@ -344,6 +346,33 @@ def _with_domains(cfg: Config, samples: list[Sample], data: DataSources) -> Conf
     return cfg
 
 
+def _with_classes(cfg: Config, data: DataSources) -> Config:
+    """``cfg`` with ``data.classes`` (K >= 2): the set list, checked against
+    ``data.num_classes``, or the names in the dataset roots' ``classes.txt``
+    (:mod:`medtextseg.classes`; every root that has one must agree), else unchanged
+    (tables then say "class 1" ...). Binary runs are left as they are."""
+    k = cfg.data.num_classes
+    if k < 2:
+        return cfg
+    try:
+        if cfg.data.classes:
+            check_class_names(cfg.data.classes, k)
+            return cfg
+        found = {str(path): names for _, path in data.roots if (names := read_classes_file(
+            path if path.is_dir() else path.parent)) is not None}
+        if not found:
+            return cfg
+        distinct = {tuple(n) for n in found.values()}
+        if len(distinct) > 1:
+            raise ValueError(f"the dataset roots name their classes differently ({', '.join(found)}); "
+                             "make their classes.txt agree or set data.classes")
+        where, names = next(iter(found.items()))
+        check_class_names(names, k, where=f"{where}/classes.txt")
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, classes=list(names)))
+
+
 def _labeled_split(cfg: Config, out: Path, all_samples: list[Sample], *,
                    resume: bool) -> tuple[LabeledSplit | None, list[Sample]]:
     """The run's labeled / unlabeled split (the saved one on resume) and the samples after it."""
@@ -605,7 +634,7 @@ def train(cfg: Config, data: DataArg | None, out: Path, *, vlm: Path | None = No
     method_cls.check_config(cfg)
     check_trainer_options(cfg.train)
     all_samples, fingerprint = _checked_data(cfg, data, out, resume=resume, run_info=run_info)
-    cfg = _with_domains(cfg, all_samples, data)
+    cfg = _with_classes(_with_domains(cfg, all_samples, data), data)
     split, samples = _labeled_split(cfg, out, all_samples, resume=resume)
     if not any(s.split == "Train" and s.labeled for s in samples):
         raise RunError(f"{data} has no labeled Train images to train on")
@@ -676,6 +705,7 @@ def pretrain(cfg: Config, data: DataArg | None, out: Path, *, resume: bool = Fal
     check_trainer_options(cfg.train)
     # Masks are optional everywhere: Val / Test figures score the text mask where there is one.
     all_samples, fingerprint = _checked_data(cfg, data, out, resume=resume, run_info=run_info, require_masks_in=())
+    cfg = _with_classes(cfg, data)
     split, samples = _labeled_split(cfg, out, all_samples, resume=resume)
     try:
         module_cls.check_samples(cfg, samples)
@@ -685,7 +715,10 @@ def pretrain(cfg: Config, data: DataArg | None, out: Path, *, resume: bool = Fal
     trainer = _build_trainer(cfg, out, callbacks, progress)
     # Built before the run directory exists, so an unusable model option writes nothing.
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    module = module_cls(cfg.to_dict())
+    try:
+        module = module_cls(cfg.to_dict())
+    except ValueError as e:
+        raise RunError(f"{cfg.preset}: {e}") from None
     n_masks = sum(s.split == "Train" and s.labeled for s in samples)
 
     def body(child: bool) -> dict:
@@ -850,7 +883,7 @@ def predict_logits(method: SegMethod, loader, on_batch: Callable[[dict, torch.Te
 def protocol(cfg: Config) -> str:
     """How a run sees its images: ``resize <S>²`` (the papers') or ``patches <S>² at <scale>×``."""
     d = cfg.data
-    return f"patches {d.img_size}² at {d.scale:g}×" if d.patches else f"resize {d.img_size}²"
+    return f"patches {d.size_label} at {d.scale:g}×" if d.patches else f"resize {d.size_label}"
 
 
 def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -923,6 +956,7 @@ def evaluate(run_or_ckpt: Path, data: DataArg, splits: list[str] | tuple[str, ..
     kept_splits = {k for k in metrics if k not in ("model", "run")} - set(splits)
     rows = [r for r in _read_rows(rows_path) if r["split"] in kept_splits]
     k = cfg.data.num_classes
+    names = class_names(k, cfg.data.classes)[1:] if k > 1 else None
     for split in splits:
         subset = [s for s in samples if s.split == split]
         if not subset:
@@ -932,18 +966,24 @@ def evaluate(run_or_ckpt: Path, data: DataArg, splits: list[str] | tuple[str, ..
         split_rows: list[dict] = []
 
         def score(batch, logits, subset=subset, split_rows=split_rows, split=split):
-            dice, iou = dice_iou_per_image(binarize(logits, cfg.data.threshold), batch["mask"], k)
+            labels = binarize(logits, cfg.data.threshold)
+            dice, iou = dice_iou_per_image(labels, batch["mask"], k)
+            per_class = dice_iou_per_class(labels, batch["mask"], k) if names else None
             for j, idx in enumerate(batch["index"].tolist()):
                 s = subset[idx]
                 gt = torch.from_numpy(mask_to_labels(read_mask(s.mask_path), k)).long()[None, None]
                 pred = binarize(upsample_to(logits[j:j + 1], tuple(gt.shape[-2:])), cfg.data.threshold)
                 d_o, i_o = dice_iou_per_image(pred, gt, k)
-                split_rows.append({"split": split, "id": s.id, "domain": s.domain, "dice": float(dice[j]),
-                                   "iou": float(iou[j]), "dice_orig": float(d_o[0]), "iou_orig": float(i_o[0]),
-                                   "text": s.text})
+                row = {"split": split, "id": s.id, "domain": s.domain, "dice": float(dice[j]),
+                       "iou": float(iou[j]), "dice_orig": float(d_o[0]), "iou_orig": float(i_o[0]), "text": s.text}
+                if names:
+                    d_oc, i_oc = dice_iou_per_class(pred, gt, k)
+                    for key, values in zip(FIGURE_KEYS, (per_class[0][j], per_class[1][j], d_oc[0], i_oc[0])):
+                        row.update(class_columns(key, names, values))
+                split_rows.append(row)
 
         predict_logits(method, make_loader(ds, eval_batch_size(cfg.data), shuffle=False), score)
-        metrics[split] = split_figures(split_rows)
+        metrics[split] = split_figures(split_rows, names)
         metrics[split]["data"] = describe_data(samples, data, split, fingerprint)
         rows.extend(split_rows)
     metrics["model"] = {"preset": cfg.preset, "tier": cfg.tier, "method": cfg.method, "network": cfg.network.name,
@@ -964,13 +1004,44 @@ ROW_FIELDS = ("split", "id", "domain", "dice", "iou", "dice_orig", "iou_orig", "
 FIGURE_KEYS = ("dice", "iou", "dice_orig", "iou_orig")
 
 
-def split_figures(rows: list[dict]) -> dict:
+def class_columns(key: str, names: list[str], values: torch.Tensor) -> dict:
+    """Per-image row columns ``<key>:<class name>`` of one image's ``[K-1]`` per-class
+    values; a class not scored on the image (NaN) is an empty cell."""
+    return {f"{key}:{n}": ("" if math.isnan(v) else v) for n, v in zip(names, values.tolist())}
+
+
+def split_figures(rows: list[dict], class_names: list[str] | None = None) -> dict:
     """A split's figures from its per-image rows: each of :data:`FIGURE_KEYS` averaged over
     the images, and ``n``. Rows of several domains add ``domains`` (``{name: figures}``, each
     averaged over that domain's images) and ``domain_mean`` (the unweighted mean of the
-    domain figures: each domain counts once, whatever its size)."""
+    domain figures: each domain counts once, whatever its size).
+
+    Multi-class (``class_names``: the foreground classes, rows with their
+    :func:`class_columns`): ``classes`` holds, per class scored on some image of the part,
+    each figure averaged over the images that score it and ``n`` (those images); the
+    headline figures are then the mean over those classes (PromptSSL's mDice / mIoU),
+    not the mean of the per-image figures."""
     def mean(part: list[dict]) -> dict:
-        return {**{key: sum(r[key] for r in part) / len(part) for key in FIGURE_KEYS}, "n": len(part)}
+        out = {**{key: sum(r[key] for r in part) / len(part) for key in FIGURE_KEYS}, "n": len(part)}
+        if class_names:
+            per_class = {}
+            for name in class_names:
+                # A class can be scored at one resolution and not the other (a sliver that the
+                # resize drops): each figure averages the images that score it there.
+                figures = {}
+                for key in FIGURE_KEYS:
+                    values = [float(r[f"{key}:{name}"]) for r in part if r.get(f"{key}:{name}", "") != ""]
+                    if values:
+                        figures[key] = sum(values) / len(values)
+                        figures.setdefault("n", len(values))
+                if figures:
+                    per_class[name] = figures
+            for key in FIGURE_KEYS:
+                scored = [c[key] for c in per_class.values() if key in c]
+                if scored:
+                    out[key] = sum(scored) / len(scored)
+            out["classes"] = per_class
+        return out
 
     out = mean(rows)
     names = sorted({r["domain"] for r in rows})
@@ -990,7 +1061,9 @@ def _read_rows(path: Path) -> list[dict]:
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=ROW_FIELDS)
+    # Multi-class rows carry per-class columns after the fixed ones (class_columns).
+    extra = list(dict.fromkeys(k for r in rows for k in r if k not in ROW_FIELDS))
+    w = csv.DictWriter(buf, fieldnames=[*ROW_FIELDS, *extra], restval="")
     w.writeheader()
     w.writerows(rows)
     atomic_write_bytes(path, buf.getvalue().encode())

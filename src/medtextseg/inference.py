@@ -21,10 +21,10 @@ BLEND_MODES = ("gaussian", "constant")
 
 
 def sliding_window_logits(forward: Callable[..., torch.Tensor],
-                          images: torch.Tensor, tokens: torch.Tensor | None, roi: int, *,
+                          images: torch.Tensor, tokens: torch.Tensor | None, roi: int | tuple[int, int], *,
                           sw_batch_size: int = 4, overlap: float = 0.25, mode: str = "gaussian",
                           domain: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits of whole images from ``roi``² windows.
+    """Logits of whole images from ``roi`` windows (an int S: S x S, or ``(h, w)``).
 
     Args:
         forward: ``forward(windows [W, C, roi, roi], tokens [W, ...] | None) -> [W, K, roi, roi]``
@@ -46,6 +46,7 @@ def sliding_window_logits(forward: Callable[..., torch.Tensor],
     """
     if mode not in BLEND_MODES:
         raise ValueError(f"data.window_blend must be one of {BLEND_MODES}, got {mode!r}")
+    roi_hw = (roi, roi) if isinstance(roi, int) else tuple(roi)
     out = []
     for b in range(len(images)):
         row = None if tokens is None else tokens[b:b + 1]
@@ -55,6 +56,6 @@ def sliding_window_logits(forward: Callable[..., torch.Tensor],
             t = None if row is None else row.expand(len(windows), *row.shape[1:])
             return forward(windows, t) if dom is None else forward(windows, t, dom.expand(len(windows)))
 
-        out.append(sliding_window_inference(images[b:b + 1], (roi, roi), sw_batch_size, predictor,
+        out.append(sliding_window_inference(images[b:b + 1], roi_hw, sw_batch_size, predictor,
                                             overlap=overlap, mode=mode))
     return torch.cat(out)

@@ -41,7 +41,7 @@ from medtextseg.config import DataConfig
 from medtextseg.data.io import read_image, read_mask
 from medtextseg.data.sample import Sample
 
-AUGMENTATIONS = ("none", "rotate", "lvit", "resize_crop")
+AUGMENTATIONS = ("none", "rotate", "lvit", "resize_crop", "rotate_elastic")
 
 
 def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -52,7 +52,7 @@ def working_size(height: int, width: int, cfg: DataConfig) -> tuple[int, int]:
     """(h, w) an image of ``height`` × ``width`` pixels is kept at: ``img_size``² by
     default, ``scale`` × its own size under the patch protocol (at least 1 pixel)."""
     if not cfg.patches:
-        return cfg.img_size, cfg.img_size
+        return cfg.size
     return max(1, round(height * cfg.scale)), max(1, round(width * cfg.scale))
 
 
@@ -114,6 +114,10 @@ def build_augmentation(cfg: DataConfig, map_keys: Sequence[str] = ()) -> mt.Comp
     (pseudo labels, contrastive labels) that must follow the image's geometry;
     they are interpolated bilinearly, masks with nearest neighbour.
 
+    ``rotate_elastic`` (PromptSSL): the rotation (probability 0.5), then an elastic
+    deformation (MONAI ``Rand2DElasticd``, control points every 32 pixels, magnitude 1-2,
+    probability 0.3) and a random gamma contrast of the image (0.7-1.5, probability 0.3).
+
     ``resize_crop`` (TextMoE): always a crop of a random fraction in
     [``crop_min_scale``, 1] of each side (drawn per side) at a random position, resized
     back to ``img_size``²; no rotation or flip.
@@ -123,7 +127,7 @@ def build_augmentation(cfg: DataConfig, map_keys: Sequence[str] = ()) -> mt.Comp
     keys = ["image", "mask", *map_keys]
     crop = []
     if cfg.patches:
-        roi = (cfg.img_size, cfg.img_size)
+        roi = cfg.size
         crop = [mt.SpatialPadd(keys, roi, allow_missing_keys=True),
                 mt.RandSpatialCropd(keys, roi, random_size=False, allow_missing_keys=True)]
     if cfg.augment == "none":
@@ -135,13 +139,20 @@ def build_augmentation(cfg: DataConfig, map_keys: Sequence[str] = ()) -> mt.Comp
         return mt.Compose([*crop,
                            mt.RandScaleCropd(keys, roi_scale=cfg.crop_min_scale, max_roi_scale=1.0, random_size=True,
                                              allow_missing_keys=True),
-                           mt.Resized(keys, (cfg.img_size, cfg.img_size), mode=modes, allow_missing_keys=True)])
+                           mt.Resized(keys, cfg.size, mode=modes, allow_missing_keys=True)])
     radians = float(np.deg2rad(cfg.rotate_degrees))
     # Unlabeled images have no "mask": the same transform must skip it, not fail.
     rotate = mt.RandRotated(keys, range_x=radians, prob=0.5, mode=modes, padding_mode="zeros",
                             allow_missing_keys=True)
     if cfg.augment == "rotate":
         return mt.Compose([*crop, rotate])
+    if cfg.augment == "rotate_elastic":
+        # PromptSSL: rotation (±rotate_degrees), elastic deformation, contrast (gamma); the
+        # contrast acts on the image alone, the geometry on the image and its maps.
+        return mt.Compose([*crop, rotate,
+                           mt.Rand2DElasticd(keys, spacing=(32, 32), magnitude_range=(1.0, 2.0), prob=0.3,
+                                             mode=modes, padding_mode="zeros", allow_missing_keys=True),
+                           mt.RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3)])
     turn_flip = mt.Compose([mt.RandRotate90d(keys, prob=1.0, spatial_axes=(0, 1), allow_missing_keys=True),
                             mt.RandFlipd(keys, prob=1.0, spatial_axis=1, allow_missing_keys=True)])
     return mt.Compose([*crop, mt.OneOf([turn_flip, rotate])])
@@ -326,7 +337,7 @@ def load_arrays(samples: Sequence[Sample], cfg: DataConfig, with_masks: bool, th
     with ThreadPoolExecutor(threads) as pool:
         pairs = list(pool.map(one, samples))
     if not pairs:
-        return np.zeros((0, cfg.in_channels, cfg.img_size, cfg.img_size), np.uint8), None
+        return np.zeros((0, cfg.in_channels, *cfg.size), np.uint8), None
     same = len({p[0].shape for p in pairs}) == 1
 
     def join(arrays: list[np.ndarray]):

@@ -7,11 +7,12 @@ from medtextseg.methods.base import NonFiniteLossError, SegMethod
 from medtextseg.methods.dusss import DuSSS
 from medtextseg.methods.lvit_semi import LViTSemi
 from medtextseg.methods.mean_teacher import MeanTeacher
+from medtextseg.methods.promptssl import PromptSSL
 from medtextseg.methods.supervised import Supervised
 from medtextseg.methods.textmoe import TextMoE
 
 METHODS: dict[str, type[SegMethod]] = {"supervised": Supervised, "lvit_semi": LViTSemi, "mean_teacher": MeanTeacher,
-                                     "dusss": DuSSS, "textmoe": TextMoE}
+                                     "dusss": DuSSS, "textmoe": TextMoE, "promptssl": PromptSSL}
 
 
 def method_class(name: str) -> type[SegMethod]:

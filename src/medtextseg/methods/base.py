@@ -24,7 +24,7 @@ def network_from_config(cfg: Config, text_dim: int):
     (at least 1) for the networks that read the modality."""
     return build_network(
         cfg.network.name, in_channels=cfg.data.in_channels, num_classes=cfg.data.num_classes,
-        base_width=cfg.network.base_width, img_size=cfg.data.img_size, text_dim=text_dim,
+        base_width=cfg.network.base_width, img_size=cfg.data.size, text_dim=text_dim,
         text_len=cfg.text.max_len, use_text=cfg.network.use_text, num_domains=max(1, len(cfg.data.domains)),
         **cfg.network.options)
 
@@ -51,6 +51,10 @@ class SegMethod(L.LightningModule):
     # Whether the method can train on patches (``data.patches``): a method that keeps
     # per-image maps at ``data.img_size`` (LViT's EPI bank) cannot.
     supports_patches: bool = True
+    # Whether the method trains K >= 2 classes (``data.num_classes``); a method whose
+    # paper and pseudo labels are binary (LViT's EPI and LV loss, DuSSS's text mask,
+    # TextMoE) says False and is refused in check_config.
+    supports_multiclass: bool = True
 
     def __init__(self, config: dict, text_state: dict | None = None, text_dim: int = 256):
         super().__init__()
@@ -71,6 +75,10 @@ class SegMethod(L.LightningModule):
         """Raise ``ValueError`` for a config this method cannot train (called before anything is written)."""
         check_patch_options(cfg.data)
         check_network_options(cfg.network.name, cfg.network.options)
+        if cfg.data.num_classes != 1 and not cls.supports_multiclass:
+            raise ValueError(f"{cls.__name__} is binary (its paper's pseudo labels are foreground "
+                             f"probabilities): set data.num_classes=1, or train K={cfg.data.num_classes} classes "
+                             "with a multi-class method (supervised, mean_teacher, promptssl)")
         if cfg.data.patches and not cls.supports_patches:
             raise ValueError(f"{cls.__name__} keeps per-image maps at data.img_size and cannot train on patches; "
                              "set data.patches=false")
@@ -123,8 +131,14 @@ class SegMethod(L.LightningModule):
         if not d.patches:
             return self(images, text, domain)
         tokens = self.text_embedder(text) if self.use_text else None
-        return sliding_window_logits(self._net_forward, images, tokens, d.img_size, sw_batch_size=d.eval_batch_size,
+        return sliding_window_logits(self._net_forward, images, tokens, d.size, sw_batch_size=d.eval_batch_size,
                                      overlap=d.window_overlap, mode=d.window_blend, domain=domain)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, K, H, W]`` -> class probabilities of the same shape, in float32:
+        sigmoid for K = 1 (the foreground), softmax over the K classes otherwise."""
+        logits = logits.float()
+        return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
     def check_finite(self, loss: torch.Tensor) -> torch.Tensor:
         if not torch.isfinite(loss):
@@ -171,15 +185,18 @@ class SegMethod(L.LightningModule):
         lr · min(1, (s + 1) / warmup_steps) · c / lr, where c is, for ``cosine_restarts``,
         the cosine restarts value at epoch e (``eta_min`` + (lr - eta_min)(1 + cos(π T_cur / T_0)) / 2)
         and, for ``cosine``, ``eta_min`` + (lr - eta_min)(1 + cos(π min(s, S) / S)) / 2 with
-        S = steps_per_epoch · ``train.max_epochs`` (PyTorch's CosineAnnealingLR, T_max = S, per step).
+        S = steps_per_epoch · ``train.max_epochs`` (PyTorch's CosineAnnealingLR, T_max = S, per step);
+        for ``multistep``, ``gamma`` to the number of ``optim.milestones`` (epochs) reached (MultiStepLR).
         """
         o = self.cfg.optim
         optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
         if o.optimizer not in optimizers:
             raise ValueError(f"optim.optimizer must be 'adam' or 'adamw', got {o.optimizer!r}")
         opt = optimizers[o.optimizer](self.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        if o.scheduler not in ("cosine_restarts", "cosine", "none"):
-            raise ValueError(f"optim.scheduler must be 'cosine_restarts', 'cosine' or 'none', got {o.scheduler!r}")
+        if o.scheduler not in ("cosine_restarts", "cosine", "multistep", "none"):
+            raise ValueError("optim.scheduler must be 'cosine_restarts', 'cosine', 'multistep' or 'none', "
+                             f"got {o.scheduler!r}")
+        milestones = sorted(int(m) for m in o.milestones)
         if o.scheduler == "none" and o.lr_warmup_epochs <= 0:
             return opt
         steps_per_epoch = max(1, self.steps_per_epoch())
@@ -194,6 +211,8 @@ class SegMethod(L.LightningModule):
             elif o.scheduler == "cosine":
                 t = min(step, total_steps) / total_steps
                 f *= (o.eta_min + (o.lr - o.eta_min) * (1 + math.cos(math.pi * t)) / 2) / o.lr
+            elif o.scheduler == "multistep":
+                f *= o.gamma ** sum(step // steps_per_epoch >= m for m in milestones)
             return f
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -238,13 +257,6 @@ class SemiSupervised(SegMethod):
         if self.pending_stats:
             self.log_dict(self.pending_stats, on_epoch=True)
             self.pending_stats = {}
-
-    @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        super().check_config(cfg)
-        if cfg.data.num_classes != 1:
-            raise ValueError(f"{cls.__name__} supports binary segmentation (data.num_classes=1), "
-                             f"got {cfg.data.num_classes} classes")
 
     def unsup_weight(self, batch_idx: int = 0) -> float:
         s = self.cfg.semi

@@ -125,6 +125,7 @@ class DuSSS(MeanTeacher):
     unlabeled_keys = (TEXT_MASK,)
     # The text masks live at data.img_size in the resized frame.
     supports_patches = False
+    supports_multiclass = False
 
     def __init__(self, config: dict, text_state: dict | None = None, text_dim: int = 256):
         super().__init__(config, text_state, text_dim)
@@ -147,9 +148,9 @@ class DuSSS(MeanTeacher):
         the VLM must take ``data.img_size`` / ``data.in_channels``, and it must be the
         VLM this config names (``vlm.text_encoder``, ``vlm.max_len``)."""
         d, p = cfg.data, pretrained.data
-        if (p.img_size, p.in_channels) != (d.img_size, d.in_channels):
+        if (p.size, p.in_channels) != (d.size, d.in_channels):
             raise ValueError(
-                f"its input is {p.img_size}² with {p.in_channels} channels, this run's is {d.img_size}² with "
+                f"its input is {p.size_label} with {p.in_channels} channels, this run's is {d.size_label} with "
                 f"{d.in_channels}: train with --set data.img_size={p.img_size} data.in_channels={p.in_channels}, "
                 f"or pre-train a VLM with --set data.img_size={d.img_size} data.in_channels={d.in_channels}")
         for key in ("text_encoder", "max_len"):

@@ -81,20 +81,21 @@ class PseudoLabelBank:
 
     Args:
         n: number of unlabeled images.
-        size: S, the network's input side.
+        size: ``(H, W)`` (or an int S: S x S), the network's input size.
         beta: momentum β of Eq. 9 (0 keeps only the latest prediction).
         dtype: ``float32`` or ``float16``.
         path: file for a memory-mapped bank, or None for memory.
         shared: put an in-memory bank in shared memory (needed with loader workers).
     """
 
-    def __init__(self, n: int, size: int, beta: float, dtype: str = "float32", path: Path | None = None,
+    def __init__(self, n: int, size: int | tuple[int, int], beta: float, dtype: str = "float32", path: Path | None = None,
                  shared: bool = False):
         if dtype not in BANK_DTYPES:
             raise ValueError(f"semi.bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {dtype!r}")
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"semi.beta must be in [0, 1), got {beta}")
-        self.shape = (n, 1, size, size)
+        h, w = (size, size) if isinstance(size, int) else size
+        self.shape = (n, 1, h, w)
         self.dtype = dtype
         self.beta = beta
         self.path = Path(path) if path is not None else None
@@ -170,7 +171,7 @@ class UnlabeledTargets:
         return out
 
 
-def contrastive_labels(mode: str, texts: Sequence[str], masks: np.ndarray, size: int,
+def contrastive_labels(mode: str, texts: Sequence[str], masks: np.ndarray, size: int | tuple[int, int],
                        templates: str = "") -> tuple[list[str], torch.Tensor]:
     """The LV loss's (text, mask) pairs, masks float ``[M, 1, S, S]`` in [0, 1].
 
@@ -178,7 +179,7 @@ def contrastive_labels(mode: str, texts: Sequence[str], masks: np.ndarray, size:
         mode: ``mean_per_text`` | ``labeled`` | ``templates`` (see the module docstring).
         texts: the N labeled training texts.
         masks: their masks ``[N, 1, S, S]`` {0, 1} at network resolution.
-        size: S.
+        size: ``(H, W)`` or S.
         templates: folder of template masks + LV_loss.xlsx (``templates`` mode).
     """
     if mode == "labeled":
@@ -213,6 +214,7 @@ class LViTSemi(SemiSupervised):
 
     unlabeled_keys = ("pseudo", "contrast")
     supports_patches = False
+    supports_multiclass = False
 
     @classmethod
     def needs_text(cls, cfg) -> bool:
@@ -233,8 +235,8 @@ class LViTSemi(SemiSupervised):
         if unl is None or unl.num_images == 0:
             log.warning("no unlabeled training images: %s trains on the labeled images only", type(self).__name__)
             return
-        s, size = self.cfg.semi, self.cfg.data.img_size
-        nbytes = unl.num_images * size * size * np.dtype(BANK_DTYPES.get(s.bank_dtype, np.float32)).itemsize
+        s, size = self.cfg.semi, self.cfg.data.size
+        nbytes = unl.num_images * size[0] * size[1] * np.dtype(BANK_DTYPES.get(s.bank_dtype, np.float32)).itemsize
         workers = self.cfg.data.num_workers > 0
         path = None
         if nbytes > s.bank_memmap_mb * 2**20:

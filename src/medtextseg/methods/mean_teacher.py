@@ -2,7 +2,8 @@
 the LViT, DuSSS and TextMoE comparisons.
 
 The student is trained on L = L_sup + w · L_cons, where L_cons is the mean squared
-difference between the student's and the teacher's foreground probabilities on
+difference between the student's and the teacher's class probabilities (foreground
+sigmoid for binary runs, softmax over the K classes otherwise) on
 the unlabeled images, each seeing its own Gaussian input noise (σ =
 ``semi.noise_std``, clipped to ±2σ) on top of the shared spatial augmentation. The
 teacher is the exponential moving average of the student,
@@ -53,6 +54,8 @@ class MeanTeacher(SemiSupervised):
     The mean-teacher family (DuSSS, TextMoE, PromptSSL) subclasses this and overrides
     hooks instead of the training step:
 
+    - :meth:`prepare_batch`: what a step adds to its halves before the forward passes
+      (here: nothing; PromptSSL's prompt masks);
     - :meth:`student_view` / :meth:`teacher_view`: the unlabeled images each network
       sees (here: each its own Gaussian noise);
     - :meth:`pseudo_target`: what the teacher's logits become as the target (here: its
@@ -82,6 +85,11 @@ class MeanTeacher(SemiSupervised):
         return images + (torch.randn_like(images) * std).clamp(-2 * std, 2 * std)
 
     # -- hooks ---------------------------------------------------------------------------
+    def prepare_batch(self, lab: dict, unl: dict | None) -> tuple[dict, dict | None]:
+        """The step's labeled and unlabeled halves as the other hooks see them (called
+        first, with gradients enabled)."""
+        return lab, unl
+
     def student_view(self, unl: dict) -> torch.Tensor:
         """``[B_u, C, H, W]`` unlabeled images as the student sees them."""
         return self.noisy(unl["image"])
@@ -91,19 +99,20 @@ class MeanTeacher(SemiSupervised):
         return self.noisy(unl["image"])
 
     def pseudo_target(self, teacher_logits: torch.Tensor, unl: dict) -> torch.Tensor:
-        """Teacher logits ``[B_u, 1, H, W]`` -> the target of the unlabeled term (no grad)."""
-        return torch.sigmoid(teacher_logits.float())
+        """Teacher logits ``[B_u, K, H, W]`` -> the target of the unlabeled term (no grad):
+        its class probabilities (:meth:`SegMethod.probs`)."""
+        return self.probs(teacher_logits)
 
     def unsup_loss(self, student_logits: torch.Tensor, target: torch.Tensor,
                    unl: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(L_unsup, named parts to log) from the student's logits ``[B_u, 1, H, W]``."""
-        l_cons = F.mse_loss(torch.sigmoid(student_logits.float()), target)
+        """(L_unsup, named parts to log) from the student's logits ``[B_u, K, H, W]``."""
+        l_cons = F.mse_loss(self.probs(student_logits), target)
         return l_cons, {"train/consistency": l_cons}
 
     # -- the step --------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """L = L_sup + w · L_unsup, one student forward over labeled + unlabeled images."""
-        lab, unl = batch["labeled"], batch.get("unlabeled")
+        lab, unl = self.prepare_batch(batch["labeled"], batch.get("unlabeled"))
         w = self.unsup_weight(batch_idx)
         if unl is None:
             return self.supervised_step(lab)

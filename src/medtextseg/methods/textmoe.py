@@ -90,6 +90,7 @@ class TextMoE(MeanTeacher):
     unlabeled_keys = ()
     # The paper's resize protocol; the indicator of sliding-window crops is not wired.
     supports_patches = False
+    supports_multiclass = False
 
     def __init__(self, config: dict, text_state: dict | None = None, text_dim: int = 256):
         super().__init__(config, text_state, text_dim)
@@ -105,7 +106,7 @@ class TextMoE(MeanTeacher):
     # -- config --------------------------------------------------------------------------
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        super().check_config(cfg)  # patches, num_classes == 1
+        super().check_config(cfg)  # patches, binary only
         if cfg.network.name.strip().lower().replace("_", "-") not in TEXTMOE_DECODERS:
             raise ValueError(f"TextMoE trains the TextMoE networks ({', '.join(TEXTMOE_DECODERS)}), "
                              f"got network.name={cfg.network.name!r}")

@@ -41,6 +41,7 @@ from torch import nn
 
 from medtextseg.nets.blocks import check_image_size
 from medtextseg.nets.lvit import PLAM, LViT
+from medtextseg.nets.resunet import ResUNet
 from medtextseg.nets.textmoe import TextMoENet, check_textmoe_size, convnext_widths
 from medtextseg.nets.unet import UNet
 
@@ -50,6 +51,7 @@ __all__ = [
     "PLAM",
     "TEXTMOE_DECODERS",
     "LViT",
+    "ResUNet",
     "TextMoENet",
     "UNet",
     "build_network",
@@ -64,7 +66,7 @@ LVIT_DEPTHS: dict[str, int] = {"lvit-t": 1, "lvit-s": 4, "lvit-m": 6, "lvit-l": 
 TEXTMOE_DECODERS: dict[str, str] = {"textmoe": "tmoe", "textmoe-plain": "plain"}
 
 #: Names accepted by :func:`build_network`.
-NETWORK_NAMES: tuple[str, ...] = ("unet", *LVIT_DEPTHS, *TEXTMOE_DECODERS)
+NETWORK_NAMES: tuple[str, ...] = ("unet", "resunet", *LVIT_DEPTHS, *TEXTMOE_DECODERS)
 
 _COMMON_OPTIONS = (
     "in_channels",
@@ -81,6 +83,7 @@ _TEXT_OPTIONS = ("img_size", "text_dim", "text_len", "use_text")
 _DOMAIN_OPTIONS = ("num_domains",)
 _EXTRA_OPTIONS = {
     "unet": ("upsample", "num_convs"),
+    "resunet": ("levels", "num_res_units", "groups", "dropout"),
     "lvit": ("num_heads", "mlp_ratio", "dropout"),
     "textmoe": ("depths", "encoder", "indicator", "drop_path"),
 }
@@ -114,7 +117,7 @@ def check_network_options(name: str, options: Any) -> None:
 
 
 def _family(key: str) -> str:
-    return "unet" if key == "unet" else "textmoe" if key in TEXTMOE_DECODERS else "lvit"
+    return key if key in ("unet", "resunet") else "textmoe" if key in TEXTMOE_DECODERS else "lvit"
 
 
 def build_network(name: str, **options: Any) -> nn.Module:
@@ -122,7 +125,7 @@ def build_network(name: str, **options: Any) -> nn.Module:
 
     Args:
         name: one of :data:`NETWORK_NAMES` (case-insensitive, ``_`` == ``-``):
-            ``unet``, ``lvit-t``, ``lvit-s``, ``lvit-m``, ``lvit-l`` (LViT with
+            ``unet``, ``resunet``, ``lvit-t``, ``lvit-s``, ``lvit-m``, ``lvit-l`` (LViT with
             1/4/6/12 Transformer blocks per ViT module), ``textmoe`` (ConvNeXt +
             TMoE decoder) and ``textmoe-plain`` (ConvNeXt + Plain-MoE decoder).
         **options: keyword options, all optional:
@@ -131,7 +134,10 @@ def build_network(name: str, **options: Any) -> nn.Module:
             ``text_len=10``, ``use_text=True`` (``False``: LViT-TW, no text
             modules), ``num_domains=1`` (length of the modality indicator; only the
             TextMoE networks use it, the others ignore it). LViT also takes ``num_heads``, ``mlp_ratio``, ``dropout``;
-            U-Net takes ``upsample`` and ``num_convs``. U-Net is image-only: it
+            U-Net takes ``upsample`` and ``num_convs``; ``resunet`` (MONAI's residual
+            U-Net with group norm, PromptSSL's network,
+            :class:`~medtextseg.nets.resunet.ResUNet`) takes ``levels``,
+            ``num_res_units``, ``groups`` and ``dropout``. The U-Nets are image-only: they
             accepts the text options so configs can switch networks freely, checks
             ``img_size`` and otherwise ignores them. The TextMoE networks
             (:class:`~medtextseg.nets.textmoe.TextMoENet`) map ``base_width=b`` to
@@ -158,11 +164,11 @@ def build_network(name: str, **options: Any) -> nn.Module:
         raise ValueError(
             f"unknown option(s) {', '.join(unknown)} for network {key!r}; valid options: {', '.join(valid)}"
         )
-    if family == "unet":
-        if "img_size" in options:
+    if family in ("unet", "resunet"):
+        if family == "unet" and "img_size" in options:
             check_image_size(options["img_size"])
         image_options = {k: v for k, v in options.items() if k not in _TEXT_OPTIONS + _DOMAIN_OPTIONS}
-        return UNet(**image_options)
+        return (UNet if family == "unet" else ResUNet)(**image_options)
     if family == "textmoe":
         options = dict(options)
         base_width = options.pop("base_width", None)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from medtextseg.pretrain.base import PretrainModule
 from medtextseg.pretrain.dusss import DuSSSPretrain
+from medtextseg.pretrain.glsc import GLscPretrain
 
-PRETRAINERS: dict[str, type[PretrainModule]] = {"dusss": DuSSSPretrain}
+PRETRAINERS: dict[str, type[PretrainModule]] = {"dusss": DuSSSPretrain, "glsc": GLscPretrain}
 
 
 def pretrain_class(name: str) -> type[PretrainModule]:

@@ -116,7 +116,7 @@ def build_vlm(cfg: Config) -> DualEncoderVLM:
         "mlp_ratio": v.mlp_ratio}
     text = {"text_hidden": v.text_hidden, "text_depth": v.text_depth, "text_heads": v.text_heads} \
         if v.text_encoder == "learned" else {}
-    return DualEncoderVLM(image_encoder=v.image_encoder, image_size=cfg.data.img_size,
+    return DualEncoderVLM(image_encoder=v.image_encoder, image_size=cfg.data.size,
                           in_channels=cfg.data.in_channels, text_encoder=v.text_encoder, embed_dim=v.embed_dim,
                           decoder_channels=tuple(v.decoder_channels), temperature=v.temperature, **vit, **text)
 
@@ -139,11 +139,11 @@ class _TextVariant(mt.Randomizable, mt.Transform):
 def view_augmentation(cfg: Config) -> mt.Compose:
     """The second image view (module docstring) over key ``image2`` ``[C, S, S]`` in [0, 1],
     plus the draw of the text variant."""
-    v, s = cfg.vlm, cfg.data.img_size
-    side = max(1, ceil(s * v.aug_crop_min))
+    v, (h, w) = cfg.vlm, cfg.data.size
+    crop = (max(1, ceil(h * v.aug_crop_min)), max(1, ceil(w * v.aug_crop_min)))
     return mt.Compose([
-        mt.RandSpatialCropd("image2", roi_size=(side, side), max_roi_size=(s, s), random_size=True),
-        mt.Resized("image2", (s, s), mode="bilinear"),
+        mt.RandSpatialCropd("image2", roi_size=crop, max_roi_size=(h, w), random_size=True),
+        mt.Resized("image2", (h, w), mode="bilinear"),
         mt.RandRotated("image2", range_x=float(np.deg2rad(v.aug_rotate_degrees)), prob=1.0, mode="bilinear",
                        padding_mode="zeros"),
         mt.RandScaleIntensityd("image2", factors=0.1, prob=0.8),
@@ -167,12 +167,15 @@ class PairDataset(Dataset):
     Args:
         samples: the records (``N``).
         images: ``[N, C, S, S]`` uint8.
-        masks: ``[N, 1, S, S]`` uint8 {0, 1}, zeros where ``has_mask`` is False.
+        masks: ``[N, 1, H, W]`` uint8 labels ({0, 1}, or class ids for ``data.num_classes`` >= 2),
+            zeros where ``has_mask`` is False.
         has_mask: ``[N]`` bool.
         groups: ``[N]`` int64, row of the split's distinct texts each sample carries.
         ids, attn: ``[U, L]`` token ids / attention mask of the distinct texts.
         variant_ids, variant_attn: ``[U, V, L]`` of their precomputed variants (training only).
         transform: :func:`view_augmentation` (training only).
+        extras: ``{key: [U, ...]}`` per-text rows an item also carries (e.g. GLsc's class
+            prompt indices), gathered by the item's text.
 
     Item: ``image [C, S, S]`` float in [0, 1], ``mask [1, S, S]`` int64, ``has_mask``,
     ``group``, ``ids``/``attn`` ``[L]``, ``index``, ``id``; training adds the second
@@ -180,7 +183,7 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, samples, images, masks, has_mask, groups, ids, attn, variant_ids=None, variant_attn=None,
-                 transform=None):
+                 transform=None, extras: dict[str, Tensor] | None = None):
         self.samples = list(samples)
         self.images, self.masks = images, masks
         self.has_mask = torch.as_tensor(has_mask, dtype=torch.bool)
@@ -188,6 +191,7 @@ class PairDataset(Dataset):
         self.ids, self.attn = ids, attn
         self.variant_ids, self.variant_attn = variant_ids, variant_attn
         self.transform = transform
+        self.extras = extras or {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -197,7 +201,7 @@ class PairDataset(Dataset):
         image = torch.from_numpy(self.images[i]).float().div_(255.0)
         item = {"image": image, "mask": torch.from_numpy(self.masks[i]).long(), "has_mask": self.has_mask[i],
                 "group": self.groups[i], "ids": self.ids[g], "attn": self.attn[g], "index": i,
-                "id": self.samples[i].id}
+                "id": self.samples[i].id, **{k: v[g] for k, v in self.extras.items()}}
         if self.transform is not None:
             view = self.transform({"image2": image.clone(), "variant": 0})
             im2 = view["image2"]
@@ -208,9 +212,10 @@ class PairDataset(Dataset):
 
 
 def pair_dataset(samples: Sequence[Sample], cfg: Config, tokenize: Tokenize, *, train: bool = False,
-                 seed: int = 0) -> PairDataset:
+                 seed: int = 0, extras: Callable[[list[str]], dict[str, Tensor]] | None = None) -> PairDataset:
     """Decode, resize and tokenise ``samples`` once (one tokenizer call for every distinct
-    text and, for training, its ``vlm.text_variants`` rewrites)."""
+    text and, for training, its ``vlm.text_variants`` rewrites); ``extras(distinct texts)``
+    gives per-text rows the items carry (:class:`PairDataset`)."""
     v = cfg.vlm
     texts = sorted({s.text for s in samples})
     row = {t: i for i, t in enumerate(texts)}
@@ -220,12 +225,12 @@ def pair_dataset(samples: Sequence[Sample], cfg: Config, tokenize: Tokenize, *, 
     u = len(texts)
     ids, attn = all_ids[:u], all_attn[:u]
     images, _ = load_arrays(samples, cfg.data, with_masks=False)
-    s = cfg.data.img_size
-    masks = np.zeros((len(samples), 1, s, s), np.uint8)
+    s = cfg.data.size
+    masks = np.zeros((len(samples), 1, *s), np.uint8)
     has = np.array([x.labeled for x in samples], bool)
     for i, x in enumerate(samples):
         if x.labeled:
-            masks[i] = resize_mask(mask_to_labels(read_mask(x.mask_path), 1), s)
+            masks[i] = resize_mask(mask_to_labels(read_mask(x.mask_path), cfg.data.num_classes), s)
     transform = None
     var_ids = var_attn = None
     if train:
@@ -234,7 +239,7 @@ def pair_dataset(samples: Sequence[Sample], cfg: Config, tokenize: Tokenize, *, 
         transform = view_augmentation(cfg)
         transform.set_random_state(seed=seed)
     return PairDataset(samples, images, masks, has, [row[x.text] for x in samples], ids, attn, var_ids, var_attn,
-                       transform)
+                       transform, extras(texts) if extras is not None else None)
 
 
 class PairDataModule(L.LightningDataModule):
@@ -245,19 +250,23 @@ class PairDataModule(L.LightningDataModule):
         cfg: the run config.
         tokenize: the VLM's ``tokenize(texts, max_len) -> (ids, attn)``.
         seed: seeds the augmentation streams and the text variants.
+        extras: per-text rows of the items (:func:`pair_dataset`).
     """
 
-    def __init__(self, samples: Sequence[Sample], cfg: Config, tokenize: Tokenize, seed: int = 0):
+    def __init__(self, samples: Sequence[Sample], cfg: Config, tokenize: Tokenize, seed: int = 0,
+                 extras: Callable[[list[str]], dict[str, Tensor]] | None = None):
         super().__init__()
         self.samples, self.cfg, self.tokenize, self.seed = list(samples), cfg, tokenize, seed
+        self.extras = extras
         self.datasets: dict[str, PairDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if "Train" in self.datasets:
             return
         split = {name: [s for s in self.samples if s.split == name] for name in ("Train", "Val")}
-        self.datasets["Train"] = pair_dataset(split["Train"], self.cfg, self.tokenize, train=True, seed=self.seed)
-        self.datasets["Val"] = pair_dataset(split["Val"], self.cfg, self.tokenize)
+        self.datasets["Train"] = pair_dataset(split["Train"], self.cfg, self.tokenize, train=True, seed=self.seed,
+                                              extras=self.extras)
+        self.datasets["Val"] = pair_dataset(split["Val"], self.cfg, self.tokenize, extras=self.extras)
 
     def train_dataloader(self):
         ds, bs = self.datasets["Train"], self.cfg.data.batch_size
@@ -324,7 +333,11 @@ class DuSSSPretrain(PretrainModule):
                                  f"none (e.g. {', '.join(bare[:3])}); give them masks or use vlm.monitor=r1")
 
     def datamodule(self, samples: Sequence[Sample], seed: int) -> PairDataModule:
-        return PairDataModule(samples, self.cfg, self.vlm.tokenize, seed=seed)
+        return PairDataModule(samples, self.cfg, self.vlm.tokenize, seed=seed, extras=self.text_extras)
+
+    def text_extras(self, texts: list[str]) -> dict[str, Tensor] | None:
+        """Per-text rows the items carry (none here; GLsc adds its class prompts)."""
+        return None
 
     def run_info(self) -> dict:
         v = self.cfg.vlm
@@ -451,7 +464,7 @@ class DuSSSPretrain(PretrainModule):
         "chance": {...}, "text_dice", "text_iou", "n_masks"}`` (the last three only when
         some sample has a mask; Dice at ``data.img_size``, threshold ``data.threshold``).
         """
-        ds = pair_dataset(samples, self.cfg, self.vlm.tokenize)
+        ds = pair_dataset(samples, self.cfg, self.vlm.tokenize, extras=self.text_extras)
         imgs, txts, groups, dices, ious = [], [], [], [], []
         for batch in make_loader(ds, eval_batch_size(self.cfg.data), shuffle=False):
             batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}

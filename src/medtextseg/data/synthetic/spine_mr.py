@@ -67,6 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtextseg.classes import CLASSES_FILE
 from medtextseg.data.synthetic.common import (
     ItemJob,
     RngStreams,
@@ -77,6 +78,7 @@ from medtextseg.data.synthetic.common import (
     smooth_noise,
     write_dataset,
 )
+from medtextseg.utils import atomic_write_text
 
 # disjoint from the chest X-ray (0..3) and lung CT (10..13) streams
 STREAMS = RngStreams(layout=20, image=21, text=22, split=23)
@@ -855,7 +857,8 @@ def generate_spine_mr(
 
     ``out/{Train,Val,Test}_Folder/img/case_CCC_sSS.png`` (8-bit gray, ``2 size`` x
     ``size``), ``.../labelcol/`` (class ids 0..19, :data:`CLASS_NAMES`) and
-    ``.../<Split>_text.xlsx``. Splits hold whole cases. Same seed -> byte-identical files
+    ``.../<Split>_text.xlsx``, and ``out/classes.txt`` (:data:`CLASS_NAMES`, line i = class
+    id i). Splits hold whole cases. Same seed -> byte-identical files
     whatever ``workers``; case ``k`` does not depend on ``n_cases``.
 
     Args:
@@ -909,6 +912,8 @@ def generate_spine_mr(
         groups=cases,
     )
     summary.pop("bilateral_fraction", None)  # a lesion-layout statistic, meaningless here
+    # The class names, so that `train` and the tables name class ids (medtextseg.classes).
+    atomic_write_text(Path(out) / CLASSES_FILE, "\n".join(CLASS_NAMES) + "\n")
     tops = Counter(VERTEBRAE[_draw_case(seed, c, cfg).top] for c in range(case))
     summary["n_cases"] = case
     summary["top_levels"] = {v: tops[v] for v in TOP_LEVEL_PROBS}

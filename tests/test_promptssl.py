@@ -1,0 +1,152 @@
+"""PromptSSL (GLsc pre-training and prompt-guided pseudo labels): L_LS against plain
+InfoNCE, the prompt mask (a distribution over classes; absent classes get none), the
+class prompts of a spine text, the merged pseudo label (Eq. 13), and smoke runs of
+glsc-vlm, promptssl and a multi-class mean-teacher on non-square spine slices."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _synth import no_network  # noqa: F401
+
+from medtextseg.config import load_preset
+from medtextseg.data.synthetic.spine_mr import CLASS_NAMES, TOKENS, generate_spine_mr
+from medtextseg.engine import RunError, pretrain, train
+from medtextseg.methods.promptssl import merged_prompt_label, soft_ce
+from medtextseg.pretrain.glsc import local_semantic_loss, prompt_mask, prompt_scores
+from medtextseg.pretrain.similarity import info_nce
+from medtextseg.text.prompts import ClassPrompts
+
+pytestmark = pytest.mark.usefixtures("no_network")
+
+
+def _plain_patch_nce(patches, txt, tau):
+    """-log softmax_j(cos(patch_ik, t_j) / tau) at j = i, averaged over i and k."""
+    sim = torch.einsum("bke,je->bkj", F.normalize(patches, dim=-1), F.normalize(txt, dim=-1)) / tau
+    b, k = patches.shape[:2]
+    target = torch.arange(b).repeat_interleave(k)
+    return F.cross_entropy(sim.reshape(b * k, b), target)
+
+
+def test_local_loss_with_equal_variances_is_plain_patch_text_infonce():
+    torch.manual_seed(0)
+    # Two images: each patch has one mismatched text, so every variance is 0 (equal).
+    patches, txt = torch.randn(2, 5, 8), torch.randn(2, 8)
+    torch.testing.assert_close(local_semantic_loss(patches, txt, 0.1), _plain_patch_nce(patches, txt, 0.1))
+
+
+def test_local_loss_sharpens_the_patches_whose_mismatched_similarities_vary_less():
+    torch.manual_seed(1)
+    patches, txt = torch.randn(4, 6, 8), torch.randn(4, 8)
+    plain = _plain_patch_nce(patches, txt, 0.1)
+    # Clipping the relative weight to 1 is plain InfoNCE; without the clip it differs.
+    torch.testing.assert_close(local_semantic_loss(patches, txt, 0.1, max_weight=1.0), plain)
+    assert not torch.allclose(local_semantic_loss(patches, txt, 0.1), plain)
+
+
+def test_global_constraint_is_the_shared_uncertainty_cosine_infonce():
+    # L_GS uses DuSSS's pairwise_sss + info_nce: with weights of 1 it is plain InfoNCE.
+    torch.manual_seed(2)
+    a, b = F.normalize(torch.randn(3, 4), dim=-1), F.normalize(torch.randn(3, 4), dim=-1)
+    torch.testing.assert_close(info_nce(a, b, torch.ones(3, 3), 0.07), info_nce(a, b, None, 0.07))
+
+
+def test_prompt_masks_sum_to_one_over_classes_and_absent_classes_get_nothing():
+    torch.manual_seed(3)
+    dense, emb = torch.randn(2, 8, 4, 2), torch.randn(2, 5, 8)
+    absent = torch.zeros(2, 5, dtype=torch.bool)
+    absent[0, 3] = True
+    scores = prompt_scores(torch.randn(2, 8), emb, absent)
+    assert scores.min() >= 0 and scores.max() <= 1 and scores[0, 3] == 0
+    probs = prompt_mask(dense, emb, scores, size=(8, 4))
+    assert tuple(probs.shape) == (2, 5, 8, 4)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, 8, 4))
+    assert probs[0, 3].max() == 0 and probs[1, 3].min() > 0
+    # Without scores (all equal) it is the per-pixel softmax of the prompt logits.
+    flat = prompt_mask(dense, emb, torch.ones(2, 5))
+    torch.testing.assert_close(flat, torch.softmax(torch.einsum("bce,behw->bchw", emb, dense), 1))
+
+
+def test_merged_prompt_label_multiplies_the_teacher_and_prompt_probabilities():
+    teacher = torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1)  # softmax: 1/4, 3/4
+    prompt = torch.tensor([0.75, 0.25]).view(1, 2, 1, 1)
+    merged = merged_prompt_label(teacher, prompt, eps=1e-4).flatten()
+    # 1/4 * 3/4 : 3/4 * 1/4 = 1 : 1
+    torch.testing.assert_close(merged, torch.tensor([0.5, 0.5]))
+    target = torch.tensor([0.2, 0.8]).view(1, 2, 1, 1)
+    expected = -(target * torch.log_softmax(teacher, 1)).sum()
+    torch.testing.assert_close(soft_ce(teacher, target), expected)
+
+
+def _spine_text(states: dict[str, str]) -> str:
+    return ", ".join(f"{t} {states.get(t, 'none')}" for t in TOKENS)
+
+
+def test_class_prompts_carry_each_class_state_from_the_text():
+    p = ClassPrompts(CLASS_NAMES, "spine")
+    text = _spine_text({"L3": "link", "L34": "exist", "S": "split"})
+    rows = p.rows([text])[0]
+    assert p.texts[rows[0]] == "background"
+    assert p.texts[rows[CLASS_NAMES.index("L3")]] == "L3 link"
+    assert p.texts[rows[CLASS_NAMES.index("L3/L4")]] == "L3/L4 exist"
+    assert p.texts[rows[CLASS_NAMES.index("T9")]] == "T9 none"
+    absent = p.absent([text])[0]
+    assert not absent[CLASS_NAMES.index("L3")] and absent[CLASS_NAMES.index("T9")] and not absent[0]
+    with pytest.raises(ValueError, match="grammar"):
+        p.rows(["Bilateral pulmonary infection."])
+    with pytest.raises(ValueError, match="names"):
+        ClassPrompts(["background", "lesion"], "spine")
+
+
+# -- smoke runs on non-square spine slices -------------------------------------------------------
+@pytest.fixture(scope="module")
+def spine(tmp_path_factory):
+    out = tmp_path_factory.mktemp("spine") / "data"
+    generate_spine_mr(out, n_cases=6, seed=0, size=32)
+    assert (out / "classes.txt").read_text().split() == list(CLASS_NAMES)  # train reads the names there
+    return out
+
+
+def test_glsc_then_promptssl_smoke_runs_and_the_student_predicts_alone(spine, tmp_path):
+    sets = ["data.labeled_ratio=0.5"]
+    vlm_run = tmp_path / "glsc"
+    pre = pretrain(load_preset("glsc-vlm", "smoke", sets), spine, vlm_run, progress=False)
+    assert {"r1", "text_dice"} <= set(pre["Test"])
+    cfg = json.loads((vlm_run / "run.json").read_text())
+    assert cfg["classes"] == list(CLASS_NAMES)
+
+    out = tmp_path / "pssl"
+    metrics = train(load_preset("promptssl", "smoke", sets + ["train.max_epochs=1"]), spine, out, vlm=vlm_run,
+                    progress=False)
+    test = metrics["Test"]
+    assert set(test["classes"]) <= set(CLASS_NAMES[1:]) and test["classes"]
+    assert test["dice"] == pytest.approx(sum(c["dice"] for c in test["classes"].values()) / len(test["classes"]))
+    assert (out / "vlm").is_dir()
+    # The student alone predicts: the VLM's weights are not needed to load the run.
+    from medtextseg.engine import load_run
+
+    method, _, _, _ = load_run(out)
+    assert method.glsc is None
+
+
+def test_promptssl_refuses_a_vlm_of_another_size(spine, tmp_path):
+    vlm_run = tmp_path / "glsc"
+    pretrain(load_preset("glsc-vlm", "smoke", ["data.labeled_ratio=0.5", "train.max_epochs=1"]), spine, vlm_run,
+             progress=False)
+    cfg = load_preset("promptssl", "smoke", ["data.labeled_ratio=0.5", "data.img_size=[32,16]"])
+    with pytest.raises(RunError, match="img_size"):
+        train(cfg, spine, tmp_path / "bad", vlm=vlm_run, progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_multiclass_mean_teacher_smoke_run_on_non_square_slices(spine, tmp_path):
+    cfg = load_preset("promptssl", "smoke", ["promptssl.prompt_mask=false", "data.labeled_ratio=0.5",
+                                             "train.max_epochs=1"])
+    metrics = train(cfg, spine, tmp_path / "mt", progress=False)
+    assert metrics["Test"]["classes"] and 0 <= metrics["Test"]["dice"] <= 1
+    rows = (tmp_path / "mt" / "per_image.csv").read_text().splitlines()
+    assert "dice:L5" in rows[0]
