@@ -150,3 +150,49 @@ def test_multiclass_mean_teacher_smoke_run_on_non_square_slices(spine, tmp_path)
     assert metrics["Test"]["classes"] and 0 <= metrics["Test"]["dice"] <= 1
     rows = (tmp_path / "mt" / "per_image.csv").read_text().splitlines()
     assert "dice:L5" in rows[0]
+
+    # predict: class-id label maps at the image's size, palette overlays and a legend.
+    import numpy as np
+    from PIL import Image
+
+    from medtextseg.classes import palette
+    from medtextseg.predict import predict
+    from medtextseg.report import report
+
+    images = spine / "Test_Folder" / "img"
+    first = min(images.iterdir())
+    written = predict(tmp_path / "mt", images, tmp_path / "pred", text=_spine_text({}))
+    labels = np.asarray(Image.open(written[0]))
+    assert labels.shape == np.asarray(Image.open(first)).shape[:2] and labels.max() < 20
+    assert (tmp_path / "pred" / "legend.png").is_file()
+    over = np.asarray(Image.open(tmp_path / "pred" / "overlays" / written[0].name).convert("RGB")).astype(int)
+    gray = np.asarray(Image.open(first).convert("RGB")).astype(int)
+    assert (over[labels == 0] == gray[labels == 0]).all()  # background untouched
+    for c in np.unique(labels[labels > 0])[:2]:
+        expected = np.clip(0.55 * gray[labels == c] + 0.45 * palette(20)[c], 0, 255).astype(int)
+        assert np.abs(over[labels == c] - expected).max() <= 1
+    # --overwrite replaces predict's own outputs, legend included
+    predict(tmp_path / "mt", images, tmp_path / "pred", text=_spine_text({}), overwrite=True)
+    # report: the per-class table under the main one
+    md = report([tmp_path / "mt"], tmp_path / "report").read_text()
+    assert "Per class (Test)" in md and "| L5 |" in md
+
+
+def test_check_data_lists_classes_per_split_and_refuses_an_id_beyond_k(spine, tmp_path):
+    import shutil
+
+    import numpy as np
+    from _synth import cli
+    from PIL import Image
+
+    result = cli("check-data", spine, "--num-classes", 20)
+    assert result.exit_code == 0, result.output
+    assert "classes present" in result.output and "L4/L5" in result.output
+    bad = tmp_path / "bad"
+    shutil.copytree(spine, bad)
+    mask = min((bad / "Train_Folder" / "labelcol").iterdir())
+    m = np.asarray(Image.open(mask)).copy()
+    m[0, 0] = 23
+    Image.fromarray(m).save(mask)
+    result = cli("check-data", bad, "--num-classes", 20)
+    assert result.exit_code == 2 and mask.name in result.output and "23" in result.output

@@ -96,3 +96,30 @@ def overlay_labels(image: np.ndarray, labels: np.ndarray, num_classes: int,
     fg = labels > 0
     out[fg] = (1 - alpha) * out[fg] + alpha * colorize(labels, num_classes)[fg].astype(np.float32)
     return out.clip(0, 255).astype(np.uint8)
+
+
+def legend_png(names: Sequence[str], num_classes: int) -> bytes:
+    """PNG bytes of a legend: one palette swatch, id and name per class id 1..K-1 (background
+    is never tinted, so it has no swatch). ``names``: the K names of class ids 0..K-1.
+
+    Drawn with matplotlib's object API on an Agg canvas, so no process-wide backend is set.
+    """
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    pal = palette(num_classes)
+    if len(names) < len(pal):
+        raise ValueError(f"legend_png needs {len(pal)} names (class ids 0..{len(pal) - 1}), got {len(names)}")
+    handles = [Patch(facecolor=pal[i] / 255.0, edgecolor="black", label=f"{i} {names[i]}")
+               for i in range(1, len(pal))]
+    fig = Figure(figsize=(2.4, 0.22 * len(handles) + 0.3), dpi=150)
+    FigureCanvasAgg(fig)
+    fig.legend(handles=handles, loc="center", frameon=False)
+    buf = io.BytesIO()
+    # A tight box: the figure's own size only bounds the legend; white, not transparent,
+    # so the legend reads the same in any viewer.
+    fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.05, facecolor="white")
+    return buf.getvalue()

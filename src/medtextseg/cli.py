@@ -235,7 +235,32 @@ def check_data(
         console.print(table)
     if len(domains) > 1:
         console.print(f"{sources}: OK ({len(domains)} domains, {len(samples)} images)")
+    if num_classes > 1:
+        _print_classes(sources, samples, num_classes)
     _print_notes(dataset_notes(samples, data=sources, need_splits=need))
+
+
+def _print_classes(sources, samples, num_classes: int) -> None:
+    """Label maps: for each class id, its name (the roots' classes.txt, else defaults) and
+    how many masks of each split contain it."""
+    import numpy as np
+
+    from medtextseg.classes import default_names, read_classes_file
+    from medtextseg.data.io import read_mask
+
+    names = next((n for _, p in sources.roots if (n := read_classes_file(p if p.is_dir() else p.parent))
+                  and len(n) == num_classes), None) or default_names(num_classes)
+    splits = [sp for sp in ("Train", "Val", "Test") if any(s.split == sp and s.labeled for s in samples)]
+    counts = {sp: np.zeros(num_classes, int) for sp in splits}
+    for s in samples:
+        if s.labeled and s.split in counts:
+            counts[s.split] += np.bincount(np.unique(read_mask(s.mask_path)), minlength=num_classes)[:num_classes] > 0
+    table = Table(title="classes present (masks containing each class id)")
+    for col in ("id", "class", *splits):
+        table.add_column(col, justify="right")
+    for c in range(num_classes):
+        table.add_row(str(c), names[c], *(str(counts[sp][c]) for sp in splits))
+    console.print(table)
 
 
 def _run_config(ctx: typer.Context, preset: str | None, data: list[str] | None, out: Path | None, tier: str,
@@ -392,6 +417,17 @@ def _print_metrics(metrics: dict, title: str) -> None:
         if m.get("domain_mean"):
             table.add_row(split, "mean", "", *(f"{100 * m['domain_mean'][k]:.2f}" for k in keys), "")
     console.print(table)
+    multi = {split: m["classes"] for split, m in splits.items() if m.get("classes")}
+    if multi:
+        # Multi-class: the headline Dice / IoU above are the means over these classes.
+        per = Table(title=f"{title}: per class (Dice % / IoU %)")
+        per.add_column("class")
+        for split in multi:
+            per.add_column(split, justify="right")
+        for name in dict.fromkeys(c for figs in multi.values() for c in figs):
+            per.add_row(name, *(f"{100 * f[name]['dice']:.2f} / {100 * f[name]['iou']:.2f}" if name in f else "—"
+                                for f in multi.values()))
+        console.print(per)
 
 
 @app.command()
@@ -433,25 +469,29 @@ def evaluate(
 def predict(
     run: Annotated[Path, typer.Argument(help="Run directory or .ckpt file.")],
     images: Annotated[Path, typer.Option(help="Folder of images.")],
-    out: Annotated[Path, typer.Option(help="Output folder for masks/ and overlays/; new or empty (see --overwrite), "
-                                      "and not the --images folder, inside it, or containing it.")],
+    out: Annotated[Path, typer.Option(help="Output folder for masks/, overlays/ and (multi-class runs) legend.png; new "
+                                      "or empty (see --overwrite), and not the --images folder, inside it, or "
+                                      "containing it.")],
     texts: Annotated[Path | None, typer.Option(help="CSV whose first row is image,text: image = an image's file "
                                                "name (a.png) or stem (a), exact case; text = its description; one "
                                                "row per image. Quote texts that contain commas.")] = None,
     text: Annotated[str | None, typer.Option(help="One description for every image.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace the masks/ and overlays/ of an earlier predict in --out. "
+    overwrite: Annotated[bool, typer.Option(help="Replace the masks/, overlays/ and legend.png of an earlier predict in --out. "
                                             "Deletes nothing else: an --out that holds other files is refused.")] = False,
     device: Annotated[str, typer.Option(help="auto (a GPU when there is one) | cpu | cuda | cuda:N.")] = "auto",
     batch_size: Annotated[int | None, typer.Option(help="Images per forward pass (default: the run's eval batch size); windows per pass for a patch-trained run.")] = None,
     domain: Annotated[str | None, typer.Option(help="The images' domain, one of the run's data.domains: needed for "
                                                "a run trained on several (composite data).")] = None,
 ):
-    """Predict a mask (original size) and an overlay PNG for every image."""
+    """Predict a mask (original size; class ids 0..K-1 for a multi-class run) and an overlay PNG
+    for every image; a multi-class run also writes legend.png (each class's overlay colour)."""
+    from medtextseg.predict import LEGEND
     from medtextseg.predict import predict as run_predict
 
     written = run_predict(run, images, out, texts=texts, text=text, overwrite=overwrite, device=device,
                           batch_size=batch_size, domain=domain)
-    console.print(f"wrote {len(written)} masks to {out / 'masks'} and overlays to {out / 'overlays'}")
+    legend = f" (colours: {out / LEGEND})" if (out / LEGEND).is_file() else ""
+    console.print(f"wrote {len(written)} masks to {out / 'masks'} and overlays to {out / 'overlays'}{legend}")
 
 
 @app.command()

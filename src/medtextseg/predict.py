@@ -7,7 +7,11 @@ Outputs, for every image ``<stem>.<ext>``:
 
     <out>/masks/<stem>.png      the mask at the image's own size: {0, 255} for a
                                 binary run, class ids 0..K-1 otherwise
-    <out>/overlays/<stem>.png   the image with the prediction tinted red
+    <out>/overlays/<stem>.png   the image with the prediction tinted: red for a binary
+                                run, each class in its fixed palette colour otherwise
+    <out>/legend.png            multi-class runs only: the palette colour, id and name of each
+                                foreground class (names: the run's ``data.classes``, else
+                                ``class 1`` ...); a binary run has one colour and no legend
 
 Rules that keep an output folder meaning one thing:
 
@@ -17,13 +21,13 @@ Rules that keep an output folder meaning one thing:
 - Two inputs whose output names would be the same file are refused. Names are
   compared ignoring case (and Unicode normalisation), as macOS and Windows do.
 - ``out`` must be new or empty. With ``overwrite=True`` an ``out`` that holds only
-  what predict writes (``masks/`` and ``overlays/`` of PNG files, plus the temp files
-  of an interrupted run) is cleared first; anything else there is refused, so
-  ``--overwrite`` never deletes a folder predict did not make.
+  what predict writes (``masks/`` and ``overlays/`` of PNG files, ``legend.png``, plus
+  the temp files of an interrupted run) is cleared first; anything else there is refused,
+  so ``--overwrite`` never deletes a folder predict did not make.
 - ``out`` and the images folder must be separate: neither may be inside the other
   (outputs would land among the inputs, and ``--overwrite`` could delete inputs).
-- Every PNG is written atomically; a run interrupted midway is redone with
-  ``--overwrite``.
+- Every PNG (the legend included) is written atomically; a run interrupted midway is
+  redone with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medtextseg.classes import class_names, legend_png, overlay_labels
 from medtextseg.config import read_config
 from medtextseg.data.io import (
     IMAGE_SUFFIXES,
@@ -61,11 +66,11 @@ from medtextseg.engine import (
     upsample_to,
 )
 from medtextseg.metrics import binarize
+from medtextseg.utils import atomic_write_bytes
 
 OUT_DIRS = ("masks", "overlays")
+LEGEND = "legend.png"
 OS_JUNK = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
-OVERLAY_COLOR = np.array([255, 40, 40], dtype=np.float32)
-OVERLAY_ALPHA = 0.45
 TEXT_COLUMNS = ("image", "text")
 
 
@@ -73,12 +78,16 @@ class OutputError(ValueError):
     """The ``--out`` folder cannot be used as asked (not empty, foreign files, overlaps the inputs)."""
 
 
-def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``[H, W, 3]`` uint8 image + ``[H, W]`` labels -> ``[H, W, 3]`` uint8 with the foreground tinted."""
-    out = image.astype(np.float32)
-    fg = mask > 0
-    out[fg] = (1 - OVERLAY_ALPHA) * out[fg] + OVERLAY_ALPHA * OVERLAY_COLOR
-    return out.clip(0, 255).astype(np.uint8)
+def overlay(image: np.ndarray, mask: np.ndarray, num_classes: int = 1) -> np.ndarray:
+    """``[H, W, 3]`` uint8 image + ``[H, W]`` labels -> ``[H, W, 3]`` uint8 with the foreground
+    tinted (binary, any non-zero label: red; K >= 2: each class id its palette colour,
+    :func:`medtextseg.classes.overlay_labels`)."""
+    return overlay_labels(image, mask, num_classes)
+
+
+def _is_legend_tmp(name: str) -> bool:
+    """The temp file an interrupted atomic write of the legend leaves (utils.atomic_write_bytes)."""
+    return name.startswith(f".{LEGEND}.") and name.endswith(".tmp")
 
 
 def output_key(stem: str) -> str:
@@ -272,6 +281,10 @@ def _foreign_entries(out: Path) -> list[Path]:
     for e in out.iterdir():
         if e.name in OS_JUNK:
             continue
+        if e.name == LEGEND or _is_legend_tmp(e.name):
+            if e.is_symlink() or not e.is_file():
+                foreign.append(e)
+            continue
         if e.name not in OUT_DIRS or e.is_symlink() or not e.is_dir():
             foreign.append(e)
             continue
@@ -303,14 +316,19 @@ def check_out(out: Path, images: Path, overwrite: bool) -> None:
     if foreign:
         shown = ", ".join(str(p.relative_to(out)) for p in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise OutputError(f"--out {out} holds files that predict did not write ({shown}); --overwrite only "
-                          "replaces the masks/ and overlays/ of an earlier predict: choose another --out")
+                          "replaces the masks/, overlays/ and legend.png of an earlier predict: choose another --out")
 
 
 def clear_out(out: Path) -> None:
-    """Delete ``out/masks`` and ``out/overlays`` (checked to be predict's own by :func:`check_out`)."""
+    """Delete ``out/masks``, ``out/overlays`` and the legend (checked to be predict's own by
+    :func:`check_out`)."""
     for name in OUT_DIRS:
         if (out / name).is_dir():
             shutil.rmtree(out / name)
+    if out.is_dir():
+        for e in out.iterdir():
+            if e.name == LEGEND or _is_legend_tmp(e.name):
+                e.unlink()
 
 
 # ----------------------------------------------------------------------------- predict
@@ -323,7 +341,8 @@ def predict(run_or_ckpt: Path, images: Path, out: Path, *, texts: Path | None = 
     Args:
         run_or_ckpt: run directory (its best checkpoint) or a ``.ckpt`` inside one.
         images: folder of images; every image directly inside it is predicted.
-        out: output folder for ``masks/`` and ``overlays/``; new or empty unless ``overwrite``.
+        out: output folder for ``masks/``, ``overlays/`` and (K >= 2) ``legend.png``; new or
+            empty unless ``overwrite``.
         texts: CSV with columns ``image,text``; ``image`` is an image's file name (``a.png``)
             or stem (``a``), case-sensitive; one row per image.
         text: one description for every image (instead of ``texts``).
@@ -368,16 +387,22 @@ def predict(run_or_ckpt: Path, images: Path, out: Path, *, texts: Path | None = 
                          shuffle=False)
     clear_out(out)
     written: list[Path | None] = [None] * len(samples)
+    k = cfg.data.num_classes
+    if k > 1:
+        atomic_write_bytes(out / LEGEND, legend_png(class_names(k, cfg.data.classes), k))
 
     @torch.inference_mode()
     def write(idx: int, logits: torch.Tensor) -> None:
-        """``logits``: ``[1, K, S, S]`` float on CPU for ``samples[idx]``."""
+        """``logits``: ``[1, K, h, w]`` float on CPU for ``samples[idx]``; writes the ``[H, W]``
+        uint8 mask (binary {0, 255}; else class ids 0..K-1) at the image's own size H x W."""
         s = samples[idx]
         img = read_image(s.image_path)  # [H, W, 3] uint8
+        # Logits, not labels, are resized: class boundaries at the image's size follow the
+        # interpolated scores (argmax / threshold after upsampling).
         mask = binarize(upsample_to(logits, img.shape[:2]), cfg.data.threshold)[0, 0].to(torch.uint8).numpy()
-        if cfg.data.num_classes == 1:
+        if k == 1:
             mask = mask * 255
-        write_png_atomic(out / "overlays" / f"{s.id}.png", overlay(img, mask))
+        write_png_atomic(out / "overlays" / f"{s.id}.png", overlay(img, mask, k))
         written[idx] = write_png_atomic(out / "masks" / f"{s.id}.png", mask)
 
     # PNG decoding/encoding runs in threads (zlib and PIL release the GIL) while the

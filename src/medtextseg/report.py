@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtextseg.classes import class_names, overlay_labels, palette
 from medtextseg.config import read_config
 from medtextseg.data.fingerprint import data_label
 from medtextseg.data.io import read_image, read_mask
@@ -95,6 +96,7 @@ def metrics_table(runs: list[Path], split: str = "Test") -> str:
             sub = [f"{preset} · mean of domains", tier, text, "", str(len(have)), "+".join(domains), ""]
             sub += [""] if per_row_threshold else []
             lines.append("| " + " | ".join(sub + [_fmt([h[k] for h in have]) for k, _ in METRIC_COLUMNS]) + " |")
+    lines += _class_table(groups, split)
     how = "threshold per row" if per_row_threshold else f"threshold {thresholds.pop():g}"
     lines.append("")
     lines.append(f"{split} split; Dice/IoU per image ({how}), averaged over the row's images, in %. "
@@ -102,6 +104,26 @@ def metrics_table(runs: list[Path], split: str = "Test") -> str:
                  "model's first row averages over all images of all domains; its `· <domain>` rows over "
                  "one domain's images; `· mean of domains` is the unweighted mean of the domain means.")
     return "\n".join(lines)
+
+
+def _class_table(groups: dict, split: str) -> list[str]:
+    """Multi-class runs: a table of per-class Dice / IoU (mean ± std over each row's runs),
+    one column pair per model row; empty for binary runs."""
+    rows = [(key, ms) for key, ms in groups.items() if any("classes" in m[split] for _, m in ms)]
+    if not rows:
+        return []
+    names = list(dict.fromkeys(c for _, ms in rows for _, m in ms for c in m[split].get("classes", {})))
+    head = ["Class", *(f"{key[0]} {what}" for key, _ in rows for what in ("Dice", "IoU"))]
+    out = ["", (f"Per class ({split}): each class averaged over the images where it is in the mask or the "
+                "prediction; the model's Dice / IoU above is the mean over these classes."), "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in names:
+        cells = [c]
+        for _, ms in rows:
+            have = [m[split]["classes"][c] for _, m in ms if c in m[split].get("classes", {})]
+            cells += [_fmt([h[k] for h in have]) if have else "—" for k in ("dice", "iou")]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def _predictions(run: Path, chosen: list) -> tuple[str, object, dict[int, np.ndarray]]:
@@ -137,6 +159,7 @@ def overlay_grid(runs: list[Path], data: DataArg, out_png: Path, split: str = "T
     seeds_differ = len(runs) > len({r.name for r in runs})
     names = [f"{name}" + (f" (seed {cfg.train.seed})" if seeds_differ else "") for name, cfg, _ in results]
     cols = 2 + len(runs)
+    k = results[0][1].data.num_classes
     fig = Figure(figsize=(2.2 * cols, 2.6 * len(chosen)))
     axes = fig.subplots(len(chosen), cols, squeeze=False)
     for i, s in enumerate(chosen):
@@ -148,16 +171,21 @@ def overlay_grid(runs: list[Path], data: DataArg, out_png: Path, split: str = "T
             panels.append((name, seen.mean(0), preds[i]))
         for c, (title, gray, mask) in enumerate(panels):
             ax = axes[i, c]
-            ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
-            if mask is not None:
-                ax.imshow(np.ma.masked_where(mask == 0, mask), cmap="autumn", alpha=0.5, vmin=0,
-                          vmax=max(1, int(mask.max())))
+            rgb = np.repeat(np.asarray(gray, np.uint8)[..., None], 3, axis=-1)
+            # The fixed palette of predict's overlays (medtextseg.classes): a class has one colour.
+            ax.imshow(rgb if mask is None else overlay_labels(rgb, mask, k))
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(title, fontsize=8)
     # Axes positions are final only after the layout is set; captions go just under each row.
     fig.subplots_adjust(hspace=0.35, wspace=0.05, left=0.02, right=0.98, top=0.96, bottom=0.04)
+    if k > 1:
+        from matplotlib.patches import Patch
+
+        pal, labels = palette(k), class_names(k, results[0][1].data.classes)
+        fig.legend(handles=[Patch(facecolor=pal[c] / 255.0, label=labels[c]) for c in range(1, k)],
+                   loc="upper center", ncol=min(10, k - 1), fontsize=6, frameon=False)
     for i, s in enumerate(chosen):
         fig.text(0.5, axes[i, 0].get_position().y0 - 0.006, textwrap.fill(s.text, 110), ha="center", va="top",
                  fontsize=7)
