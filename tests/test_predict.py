@@ -77,6 +77,7 @@ def test_returns_the_mask_paths_written_one_per_input(run, pool, tmp_path):
         assert set(np.unique(np.asarray(Image.open(p))).tolist()) <= {0, 255}
         assert (tmp_path / "out" / "overlays" / p.name).is_file()
     assert not list((tmp_path / "out").rglob("*.tmp")), "atomic writes left temp files"
+    assert not (tmp_path / "out" / "legend.png").exists()  # binary: one colour, no legend
 
 
 def test_csv_mode_returns_one_path_per_image_by_name_or_stem(run, pool, tmp_path):
@@ -121,7 +122,8 @@ def test_overwrite_replaces_old_outputs_instead_of_mixing(run, pool, tmp_path):
 def test_overwrite_never_deletes_files_predict_did_not_write(run, pool, tmp_path, monkeypatch):
     _no_model(monkeypatch)
     images = _images(tmp_path, pool, ["a.png"])
-    for foreign in ("report.md", "masks/ground_truth.tif", "overlays/sub/x.png"):
+    # A folder named legend.png is not the legend predict writes (a file).
+    for foreign in ("report.md", "masks/ground_truth.tif", "overlays/sub/x.png", "legend.png/x.png"):
         out = tmp_path / f"out_{foreign.replace('/', '_')}"
         (out / foreign).parent.mkdir(parents=True)
         (out / foreign).write_text("not a prediction")

@@ -12,7 +12,7 @@ every overlay, report grid and legend.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +123,16 @@ def legend_png(names: Sequence[str], num_classes: int) -> bytes:
     # so the legend reads the same in any viewer.
     fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.05, facecolor="white")
     return buf.getvalue()
+
+
+def in_class_order(seen: Iterable[str], names: Sequence[str] = ()) -> list[str]:
+    """The distinct names of ``seen`` in class-id order: by their position in ``names`` (the
+    names of class ids 0..K-1, when known), then any others in the order first seen.
+
+    Per-split (or per-run) metrics list only the classes present there, each in id order;
+    merging them without the names would put a class first seen in a later split last.
+    """
+    rank = {n: i for i, n in enumerate(names)}
+    distinct = list(dict.fromkeys(seen))
+    first = {n: len(rank) + i for i, n in enumerate(distinct)}
+    return sorted(distinct, key=lambda n: rank.get(n, first[n]))

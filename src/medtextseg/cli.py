@@ -241,26 +241,49 @@ def check_data(
 
 
 def _print_classes(sources, samples, num_classes: int) -> None:
-    """Label maps: for each class id, its name (the roots' classes.txt, else defaults) and
-    how many masks of each split contain it."""
+    """Label maps (K >= 2): a table of each class id 0..K-1, its name (the dataset roots'
+    classes.txt, else ``class 1`` ...) and how many masks of each split contain it.
+
+    ``samples`` have passed validation, so every mask holds ids below K.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
-    from medtextseg.classes import default_names, read_classes_file
+    from medtextseg.classes import CLASSES_FILE, check_class_names, default_names, read_classes_file
     from medtextseg.data.io import read_mask
 
-    names = next((n for _, p in sources.roots if (n := read_classes_file(p if p.is_dir() else p.parent))
-                  and len(n) == num_classes), None) or default_names(num_classes)
-    splits = [sp for sp in ("Train", "Val", "Test") if any(s.split == sp and s.labeled for s in samples)]
+    names, notes = default_names(num_classes), []
+    for _, path in sources.roots:
+        root = path if path.is_dir() else path.parent
+        found = read_classes_file(root)
+        if found is None:
+            continue
+        try:
+            names = check_class_names(found, num_classes, where=str(root / CLASSES_FILE))
+            break
+        except ValueError as e:
+            # Not an error here: --set data.classes=[...] lets train name the classes instead.
+            notes.append(f"{e}; train refuses it unless data.classes is set")
+    labeled = [s for s in samples if s.labeled]
+    splits = [sp for sp in ("Train", "Val", "Test") if any(s.split == sp for s in labeled)]
+
+    def present(s) -> np.ndarray:
+        """``[K]`` bool: the class ids in the sample's mask."""
+        return np.bincount(read_mask(s.mask_path).ravel(), minlength=num_classes)[:num_classes] > 0
+
     counts = {sp: np.zeros(num_classes, int) for sp in splits}
-    for s in samples:
-        if s.labeled and s.split in counts:
-            counts[s.split] += np.bincount(np.unique(read_mask(s.mask_path)), minlength=num_classes)[:num_classes] > 0
-    table = Table(title="classes present (masks containing each class id)")
+    # PNG decoding releases the GIL: threads read the masks in parallel.
+    with ThreadPoolExecutor(4) as pool:
+        for s, has in zip(labeled, pool.map(present, labeled), strict=True):
+            counts[s.split] += has
+    table = Table(title="classes present (labeled images whose mask contains each class id)")
     for col in ("id", "class", *splits):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right" if col != "class" else "left")
     for c in range(num_classes):
         table.add_row(str(c), names[c], *(str(counts[sp][c]) for sp in splits))
     console.print(table)
+    _print_notes(notes)
 
 
 def _run_config(ctx: typer.Context, preset: str | None, data: list[str] | None, out: Path | None, tier: str,
@@ -333,7 +356,7 @@ def train(
     keep_freed_memory()
     metrics = run_train(cfg, data or None, out, vlm=vlm, resume=resume, overwrite=overwrite)
     if metrics:
-        _print_metrics(metrics, f"{out}")
+        _print_metrics(metrics, f"{out}", _run_class_names(out))
 
 
 @app.command(context_settings={"allow_extra_args": True})
@@ -396,7 +419,24 @@ def _print_retrieval(metrics: dict, title: str) -> None:
     console.print(table)
 
 
-def _print_metrics(metrics: dict, title: str) -> None:
+def _run_class_names(run: Path) -> list[str]:
+    """The names of class ids 0..K-1 of a multi-class run (its config.yaml), else []."""
+    from medtextseg.classes import class_names
+    from medtextseg.config import read_config
+    from medtextseg.engine import CONFIG_FILE, resolve_checkpoint
+
+    try:
+        _, run_dir = resolve_checkpoint(run)
+        data = read_config(run_dir / CONFIG_FILE).data
+        return class_names(data.num_classes, data.classes) if data.num_classes > 1 else []
+    except (OSError, *_user_errors()):  # it only orders the per-class rows: show them unordered
+        return []
+
+
+def _print_metrics(metrics: dict, title: str, class_names: list[str] | None = None) -> None:
+    """Tables of ``metrics`` (a metrics.json's splits); ``class_names``: the names of class ids
+    0..K-1, to list a multi-class run's per-class rows in id order."""
+    from medtextseg.classes import in_class_order
     from medtextseg.data.fingerprint import data_label
 
     splits = {k: m for k, m in metrics.items() if isinstance(m, dict) and "dice" in m}
@@ -419,14 +459,20 @@ def _print_metrics(metrics: dict, title: str) -> None:
     console.print(table)
     multi = {split: m["classes"] for split, m in splits.items() if m.get("classes")}
     if multi:
-        # Multi-class: the headline Dice / IoU above are the means over these classes.
-        per = Table(title=f"{title}: per class (Dice % / IoU %)")
+        per = Table(title=f"{title}: per class (Dice % / IoU %)",
+                    caption="each class over the images whose mask or prediction holds it; the Dice / IoU "
+                            "above are the means over a split's classes; —: in no mask or prediction of the split")
         per.add_column("class")
         for split in multi:
             per.add_column(split, justify="right")
-        for name in dict.fromkeys(c for figs in multi.values() for c in figs):
-            per.add_row(name, *(f"{100 * f[name]['dice']:.2f} / {100 * f[name]['iou']:.2f}" if name in f else "—"
-                                for f in multi.values()))
+
+        def cell(fig: dict | None) -> str:
+            # A class may be scored at the original size only (a sliver the resize drops).
+            pct = [f"{100 * fig[k]:.2f}" if fig and k in fig else "—" for k in ("dice", "iou")]
+            return "—" if pct == ["—", "—"] else " / ".join(pct)
+
+        for name in in_class_order((c for figs in multi.values() for c in figs), class_names or ()):
+            per.add_row(name, *(cell(f.get(name)) for f in multi.values()))
         console.print(per)
 
 
@@ -461,7 +507,7 @@ def evaluate(
     if any(isinstance(v, dict) and "i2t_r1" in v for v in shown.values()):
         _print_retrieval(shown, f"{run}")
     else:
-        _print_metrics(shown, f"{run}")
+        _print_metrics(shown, f"{run}", _run_class_names(run))
 
 
 @app.command()

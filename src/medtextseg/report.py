@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medtextseg.classes import class_names, overlay_labels, palette
+from medtextseg.classes import class_names, in_class_order, overlay_labels, palette
 from medtextseg.config import read_config
 from medtextseg.data.fingerprint import data_label
 from medtextseg.data.io import read_image, read_mask
@@ -96,38 +96,60 @@ def metrics_table(runs: list[Path], split: str = "Test") -> str:
             sub = [f"{preset} · mean of domains", tier, text, "", str(len(have)), "+".join(domains), ""]
             sub += [""] if per_row_threshold else []
             lines.append("| " + " | ".join(sub + [_fmt([h[k] for h in have]) for k, _ in METRIC_COLUMNS]) + " |")
-    lines += _class_table(groups, split)
     how = "threshold per row" if per_row_threshold else f"threshold {thresholds.pop():g}"
     lines.append("")
     lines.append(f"{split} split; Dice/IoU per image ({how}), averaged over the row's images, in %. "
                  "An image whose mask and prediction are both empty scores 100. On composite data the "
                  "model's first row averages over all images of all domains; its `· <domain>` rows over "
                  "one domain's images; `· mean of domains` is the unweighted mean of the domain means.")
+    lines += _class_table(groups, split)
     return "\n".join(lines)
 
 
+def _run_class_names(run: Path) -> list[str]:
+    """The names of class ids 0..K-1 of a multi-class run (its config.yaml); [] if unknown."""
+    try:
+        data = read_config(run / CONFIG_FILE).data
+        return class_names(data.num_classes, data.classes) if data.num_classes > 1 else []
+    except (OSError, ValueError):  # a run without its config: classes in the order first seen
+        return []
+
+
+def _row_labels(keys: list[tuple]) -> list[str]:
+    """Column labels of the per-class table: the preset, with tier and data where presets repeat."""
+    presets = [k[0] for k in keys]
+    return [p if presets.count(p) == 1 else f"{p} · {tier} · {fp[:8] if fp else '?'}"
+            for p, tier, fp in keys]
+
+
 def _class_table(groups: dict, split: str) -> list[str]:
-    """Multi-class runs: a table of per-class Dice / IoU (mean ± std over each row's runs),
-    one column pair per model row; empty for binary runs."""
-    rows = [(key, ms) for key, ms in groups.items() if any("classes" in m[split] for _, m in ms)]
+    """Multi-class rows of :func:`metrics_table` (metrics with ``classes``): Markdown lines of
+    a table with a row per class (class-id order) and a Dice and an IoU column per model row
+    (mean ± std over that row's runs in which the class is present); [] for binary runs."""
+    rows = [(key, ms) for key, ms in groups.items() if any(m[split].get("classes") for _, m in ms)]
     if not rows:
         return []
-    names = list(dict.fromkeys(c for _, ms in rows for _, m in ms for c in m[split].get("classes", {})))
-    head = ["Class", *(f"{key[0]} {what}" for key, _ in rows for what in ("Dice", "IoU"))]
-    out = ["", (f"Per class ({split}): each class averaged over the images where it is in the mask or the "
-                "prediction; the model's Dice / IoU above is the mean over these classes."), "",
+    known = next((n for _, ms in rows for r, _ in ms if (n := _run_class_names(r))), [])
+    names = in_class_order((c for _, ms in rows for _, m in ms for c in m[split].get("classes", {})), known)
+    head = ["Class", *(f"{label} {what}" for label in _row_labels([k for k, _ in rows]) for what in ("Dice", "IoU"))]
+    out = ["", f"Per class ({split}):", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in names:
         cells = [c]
         for _, ms in rows:
             have = [m[split]["classes"][c] for _, m in ms if c in m[split].get("classes", {})]
-            cells += [_fmt([h[k] for h in have]) if have else "—" for k in ("dice", "iou")]
+            cells += [_fmt([h[k] for h in have if k in h]) if any(k in h for h in have) else "—"
+                      for k in ("dice", "iou")]
         out.append("| " + " | ".join(cells) + " |")
+    out += ["", ("Dice/IoU per image and class, in %: each class averaged over the images whose mask or "
+                 "prediction holds it, then mean ± std over the row's runs in which it is present; the "
+                 "model's Dice / IoU above is the mean over its classes. —: the class is in no mask or "
+                 "prediction of the row's runs.")]
     return out
 
 
 def _predictions(run: Path, chosen: list) -> tuple[str, object, dict[int, np.ndarray]]:
-    """One run's thresholded predictions ``[S, S]`` (its own input size S) for ``chosen``."""
+    """One run's label maps ``[h, w]`` (thresholded or argmax; at its own input size h x w) for ``chosen``."""
     method, cfg, encoder, _ = load_run(run, device="auto")
     ds = make_dataset(chosen, encoder, cfg.data)
     out: dict[int, np.ndarray] = {}
@@ -146,10 +168,20 @@ def overlay_grid(runs: list[Path], data: DataArg, out_png: Path, split: str = "T
 
     The image and its ground truth are drawn at the image's own size; each run's
     prediction over the image as that run saw it (its own input size and
-    channels). The description is printed under each row.
+    channels). Labels are tinted as in predict's overlays (the fixed palette of
+    :mod:`medtextseg.classes`: binary red, else one colour per class id, with a legend
+    on top). The description is printed under each row.
+
+    Raises:
+        RunError: no labeled images in ``split``; runs with different ``data.num_classes``
+            (their labels would not share colours).
     """
     from matplotlib.figure import Figure  # no pyplot: no backend is chosen for the process
 
+    counts = {r: read_config(r / CONFIG_FILE).data.num_classes for r in runs if (r / CONFIG_FILE).is_file()}
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{r} ({k})" for r, k in counts.items())
+        raise RunError(f"the runs have different data.num_classes ({shown}); report runs with the same classes")
     samples = [s for s in read_dataset(data) if s.split == split and s.labeled]
     if not samples:
         raise RunError(f"{data} has no labeled {split} images to draw")
@@ -159,33 +191,40 @@ def overlay_grid(runs: list[Path], data: DataArg, out_png: Path, split: str = "T
     seeds_differ = len(runs) > len({r.name for r in runs})
     names = [f"{name}" + (f" (seed {cfg.train.seed})" if seeds_differ else "") for name, cfg, _ in results]
     cols = 2 + len(runs)
-    k = results[0][1].data.num_classes
-    fig = Figure(figsize=(2.2 * cols, 2.6 * len(chosen)))
+    data_cfg = results[0][1].data
+    k = data_cfg.num_classes
+    ncol = min(8, max(1, k - 1))
+    # Inches above the first row for the legend (one line per ncol classes), none when binary.
+    legend_in = 0.15 + 0.15 * -(-(k - 1) // ncol) if k > 1 else 0.0
+    height = 2.6 * len(chosen) + legend_in
+    fig = Figure(figsize=(2.2 * cols, height))
     axes = fig.subplots(len(chosen), cols, squeeze=False)
     for i, s in enumerate(chosen):
         image = read_image(s.image_path)
-        gt = mask_to_labels(read_mask(s.mask_path), results[0][1].data.num_classes)
+        gt = mask_to_labels(read_mask(s.mask_path), k)
         panels = [("image", image.mean(-1), None), ("ground truth", image.mean(-1), gt)]
         for name, (_, cfg, preds) in zip(names, results, strict=True):
             seen = load_arrays([s], cfg.data, with_masks=False)[0][0]
             panels.append((name, seen.mean(0), preds[i]))
         for c, (title, gray, mask) in enumerate(panels):
             ax = axes[i, c]
-            rgb = np.repeat(np.asarray(gray, np.uint8)[..., None], 3, axis=-1)
-            # The fixed palette of predict's overlays (medtextseg.classes): a class has one colour.
+            rgb = np.repeat(np.asarray(gray).round().astype(np.uint8)[..., None], 3, axis=-1)
             ax.imshow(rgb if mask is None else overlay_labels(rgb, mask, k))
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(title, fontsize=8)
     # Axes positions are final only after the layout is set; captions go just under each row.
-    fig.subplots_adjust(hspace=0.35, wspace=0.05, left=0.02, right=0.98, top=0.96, bottom=0.04)
+    fig.subplots_adjust(hspace=0.35, wspace=0.05, left=0.02, right=0.98, top=1 - (0.4 + legend_in) / height,
+                        bottom=0.5 / height)  # room for the last row's two-line caption
     if k > 1:
         from matplotlib.patches import Patch
 
-        pal, labels = palette(k), class_names(k, results[0][1].data.classes)
-        fig.legend(handles=[Patch(facecolor=pal[c] / 255.0, label=labels[c]) for c in range(1, k)],
-                   loc="upper center", ncol=min(10, k - 1), fontsize=6, frameon=False)
+        pal, labels = palette(k), class_names(k, data_cfg.classes)
+        fig.legend(handles=[Patch(facecolor=pal[c] / 255.0, edgecolor="black", label=f"{c} {labels[c]}")
+                            for c in range(1, k)],
+                   loc="upper center", bbox_to_anchor=(0.5, 1 - 0.05 / height), ncol=ncol, fontsize=6,
+                   frameon=False)
     for i, s in enumerate(chosen):
         fig.text(0.5, axes[i, 0].get_position().y0 - 0.006, textwrap.fill(s.text, 110), ha="center", va="top",
                  fontsize=7)
