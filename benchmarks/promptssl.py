@@ -121,6 +121,7 @@ def main() -> None:
                 m["steps"] = optimizer_steps(run)
                 pm = logged(run, "promptssl/prompt_mask_dice")
                 m["prompt_mask_dice"] = pm[0][1] if pm else None
+                m["prompt_mask_dice_end"] = pm[-1][1] if len(pm) > 1 else None
                 seg.setdefault((row, ratio), []).append(m)
                 print(f"{row} r={ratio:g} seed {seed}: mDice {100 * m[args.split]['dice']:.2f} "
                       f"({m['seconds']:.0f} s, {m['seconds_per_epoch']:.1f} s/epoch)", flush=True)
@@ -128,17 +129,18 @@ def main() -> None:
     sp = args.split
     lines = [f"{args.data} — {sp} split, tier {args.tier}, overrides: {' '.join(args.overrides) or 'none'}", ""]
     head = ["Method", "Labels", f"mDice % ({sp})", "mIoU %", "Paper mDice / mIoU", "Steps", "s/epoch", "× MT epoch",
-            "Prompt-mask mDice % (unlabeled)", "Seeds"]
+            "Prompt-mask mDice % (unlabeled): start → last epoch", "Seeds"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (row, ratio), ms in seg.items():
         spe = statistics.mean(m["seconds_per_epoch"] for m in ms)
         mt = seg.get(("mean-teacher", ratio))
         rel = f"{spe / statistics.mean(m['seconds_per_epoch'] for m in mt):.2f}" if mt and row != "unet" else "—"
         pm = [m["prompt_mask_dice"] for m in ms if m["prompt_mask_dice"] is not None]
+        pm_end = [m["prompt_mask_dice_end"] for m in ms if m.get("prompt_mask_dice_end") is not None]
         lines.append("| " + " | ".join([
             LABELS[row], f"{ratio:.0%}", fmt([m[sp]["dice"] for m in ms]), fmt([m[sp]["iou"] for m in ms]),
             PAPER.get((row, ratio), "—"), str(max(m["steps"] for m in ms)), f"{spe:.1f}", rel,
-            fmt(pm) if pm else "—", str(len(ms))]) + " |")
+            (fmt(pm) + (f" → {fmt(pm_end)}" if pm_end else "")) if pm else "—", str(len(ms))]) + " |")
     if vlms:
         head = ["VLM", "Labels (masks)", "I→T R@1 %", "T→I R@1 %", "chance R@1 I→T / T→I",
                 f"Prompt-mask mDice % ({sp})", "Pre-train s", "Epochs", "Seeds"]

@@ -111,6 +111,36 @@ def spine(tmp_path_factory):
     return out
 
 
+def test_mask_share_repeats_the_labeled_images_of_a_pretraining_epoch(spine):
+    from medtextseg.data.readers import read_dataset
+    from medtextseg.data.splits import apply_split, split_by_ratio
+    from medtextseg.pretrain.dusss import PairDataModule, mask_repeats
+
+    assert mask_repeats(27, 537, 0.25) == 7  # 189 of 699 items: 27 % >= 25 %, 6 repeats give 24 %
+    assert mask_repeats(27, 537, 0.0) == mask_repeats(0, 537, 0.5) == mask_repeats(269, 537, 0.25) == 1
+    samples = read_dataset(spine)
+    samples = apply_split(samples, split_by_ratio(samples, 0.25, 0))
+    train = [s for s in samples if s.split == "Train"]
+    n_lab = sum(s.labeled for s in train)
+    assert 0 < n_lab < len(train)
+    sizes = {}
+    for share in (0.0, 0.6):
+        cfg = load_preset("glsc-vlm", "smoke", [f"vlm.mask_share={share}"])
+        dm = PairDataModule(samples, cfg, lambda texts, n: (torch.zeros(len(texts), n, dtype=torch.long),) * 2)
+        dm.setup()
+        ds = dm.datasets["Train"]
+        sizes[share] = (len(ds), int(ds.has_mask.sum()))
+    r = mask_repeats(n_lab, len(train), 0.6)
+    assert r > 1
+    assert sizes[0.0] == (len(train), n_lab)
+    assert sizes[0.6] == (len(train) + (r - 1) * n_lab, r * n_lab)
+    assert sizes[0.6][1] / sizes[0.6][0] >= 0.6
+    with pytest.raises(ValueError, match="mask_share"):
+        from medtextseg.pretrain.glsc import GLscPretrain
+
+        GLscPretrain.check_config(load_preset("glsc-vlm", "smoke", ["vlm.mask_share=1.0"]))
+
+
 def test_glsc_then_promptssl_smoke_runs_and_the_student_predicts_alone(spine, tmp_path):
     sets = ["data.labeled_ratio=0.5"]
     vlm_run = tmp_path / "glsc"
@@ -120,8 +150,15 @@ def test_glsc_then_promptssl_smoke_runs_and_the_student_predicts_alone(spine, tm
     assert cfg["classes"] == list(CLASS_NAMES)
 
     out = tmp_path / "pssl"
-    metrics = train(load_preset("promptssl", "smoke", sets + ["train.max_epochs=1"]), spine, out, vlm=vlm_run,
+    metrics = train(load_preset("promptssl", "smoke", sets + ["train.max_epochs=2"]), spine, out, vlm=vlm_run,
                     progress=False)
+    # The prompt mask is scored against the withheld masks before the first epoch and the last.
+    import csv
+
+    logged = [r for f in sorted(out.glob("logs/csv/*/metrics.csv")) for r in csv.DictReader(f.open())
+              if r.get("promptssl/prompt_mask_dice")]
+    assert [int(r["epoch"]) for r in logged] == [0, 1]
+    assert all(0.0 <= float(r["promptssl/prompt_mask_dice"]) <= 1.0 for r in logged)
     test = metrics["Test"]
     assert set(test["classes"]) <= set(CLASS_NAMES[1:]) and test["classes"]
     assert test["dice"] == pytest.approx(sum(c["dice"] for c in test["classes"].values()) / len(test["classes"]))

@@ -272,6 +272,11 @@ class VLMConfig:
     text_p_drop: float = 0.5
     aug_crop_min: float = 0.8
     aug_rotate_degrees: float = 10.0
+    # The labeled Train images are repeated (whole times) so that they make at least this
+    # share of a pre-training epoch's items: at 5 % labels a batch of 16 holds about one
+    # mask, and the mask term (L_mask) would see a few hundred masks in a whole run.
+    # 0 = every Train image once (the papers).
+    mask_share: float = 0.0
     # What best.ckpt and early stopping select on: "r1" (Val mean R@1, the paper's
     # retrieval) or "text_dice" (the text mask's Val Dice: what DuSSS stage 2 consumes;
     # needs masks on every Val image).

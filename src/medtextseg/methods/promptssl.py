@@ -76,8 +76,9 @@ class PromptSSL(MeanTeacher):
 
     Batch: ``{"labeled": {image, mask, text, index}, "unlabeled": {image, text, index}}``.
     Logged: ``train/semi_merged``, ``train/semi_text``, ``train/region``, ``train/feat``,
-    ``train/prompt_sup`` (those on); once, ``promptssl/prompt_mask_dice`` (the pre-trained
-    prompt mask's mDice against the withheld masks, when the split kept them).
+    ``train/prompt_sup`` (those on); ``promptssl/prompt_mask_dice`` (the prompt mask's mDice
+    against the withheld masks, when the split kept them) at the first epoch (the
+    pre-trained decoder) and the last (after stage 2 trained it).
     """
 
     # The prompt masks and the VLM's patch grid live at data.img_size.
@@ -167,23 +168,32 @@ class PromptSSL(MeanTeacher):
             return
         for name, table in self._tables.items():
             self._tables[name] = {k: v.to(self.device) for k, v in table.items()}
+        self._log_prompt_mask_dice()
+
+    def _log_prompt_mask_dice(self) -> None:
+        """Diagnostic only: the prompt mask's mDice against the withheld masks of the
+        unlabeled images (when the split kept them), into ``promptssl/prompt_mask_dice``."""
         unl = self.trainer.datamodule.datasets.get("Unlabeled")
-        if unl is not None and unl.hidden_masks is not None and unl.num_images:
-            # Diagnostic only: the pre-trained prompt mask against the withheld masks.
-            plain = unl.plain()
-            dices = []
-            with torch.inference_mode():
-                for start in range(0, unl.num_images, self.cfg.data.eval_batch_size):
-                    idx = torch.arange(start, min(start + self.cfg.data.eval_batch_size, unl.num_images))
-                    images = torch.stack([plain[int(i)]["image"] for i in idx]).to(self.device)
-                    probs = self.prompt_probs(images, "Unlabeled", idx.to(self.device))[0]
-                    gt = torch.from_numpy(unl.hidden_masks[idx.numpy()]).long().to(self.device)
-                    dices.append(dice_iou_per_image(probs.argmax(1, keepdim=True), gt, self.cfg.data.num_classes)[0])
-            self.pending_stats["promptssl/prompt_mask_dice"] = float(torch.cat(dices).mean())
-            log.info("prompt-guided masks of %d unlabeled images: mDice %.3f against the withheld masks",
-                     unl.num_images, self.pending_stats["promptssl/prompt_mask_dice"])
+        if unl is None or unl.hidden_masks is None or not unl.num_images:
+            return
+        plain = unl.plain()
+        dices = []
+        with torch.inference_mode():
+            for start in range(0, unl.num_images, self.cfg.data.eval_batch_size):
+                idx = torch.arange(start, min(start + self.cfg.data.eval_batch_size, unl.num_images))
+                images = torch.stack([plain[int(i)]["image"] for i in idx]).to(self.device)
+                probs = self.prompt_probs(images, "Unlabeled", idx.to(self.device))[0]
+                gt = torch.from_numpy(unl.hidden_masks[idx.numpy()]).long().to(self.device)
+                dices.append(dice_iou_per_image(probs.argmax(1, keepdim=True), gt, self.cfg.data.num_classes)[0])
+        self.pending_stats["promptssl/prompt_mask_dice"] = float(torch.cat(dices).mean())
+        log.info("prompt-guided masks of %d unlabeled images: mDice %.3f against the withheld masks",
+                 unl.num_images, self.pending_stats["promptssl/prompt_mask_dice"])
 
     def on_train_epoch_start(self) -> None:
+        if self.glsc is not None and self.current_epoch > 0 and self.current_epoch == self.trainer.max_epochs - 1:
+            # Again before the last epoch: stage 2 trains the decoder f_d (L_region, L_feat, L_mask).
+            self.glsc.eval()
+            self._log_prompt_mask_dice()
         super().on_train_epoch_start()
         if self.glsc is not None:
             self.glsc.eval()  # frozen encoders: no dropout; Lightning put every child in train mode

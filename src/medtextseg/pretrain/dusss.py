@@ -242,8 +242,18 @@ def pair_dataset(samples: Sequence[Sample], cfg: Config, tokenize: Tokenize, *, 
                        transform, extras(texts) if extras is not None else None)
 
 
+def mask_repeats(n_labeled: int, n_train: int, share: float) -> int:
+    """How many times each labeled image appears in a pre-training epoch so that labeled
+    items make at least ``share`` of it (``vlm.mask_share``): the smallest r >= 1 with
+    ``r L / (r L + N - L) >= share``; 1 without labeled images or with ``share = 0``."""
+    if n_labeled == 0 or share <= 0:
+        return 1
+    return max(1, ceil(share * (n_train - n_labeled) / ((1.0 - share) * n_labeled) - 1e-9))
+
+
 class PairDataModule(L.LightningDataModule):
-    """Every Train image (labeled and unlabeled) for training, the Val images for selection.
+    """Every Train image (labeled and unlabeled) for training, the Val images for selection;
+    with ``vlm.mask_share`` the labeled ones repeated (:func:`mask_repeats`).
 
     Args:
         samples: every record after the labeled-ratio split (a withheld mask is ``None``).
@@ -264,7 +274,9 @@ class PairDataModule(L.LightningDataModule):
         if "Train" in self.datasets:
             return
         split = {name: [s for s in self.samples if s.split == name] for name in ("Train", "Val")}
-        self.datasets["Train"] = pair_dataset(split["Train"], self.cfg, self.tokenize, train=True, seed=self.seed,
+        labeled = [s for s in split["Train"] if s.labeled]
+        train = split["Train"] + labeled * (mask_repeats(len(labeled), len(split["Train"]), self.cfg.vlm.mask_share) - 1)
+        self.datasets["Train"] = pair_dataset(train, self.cfg, self.tokenize, train=True, seed=self.seed,
                                               extras=self.extras)
         self.datasets["Val"] = pair_dataset(split["Val"], self.cfg, self.tokenize, extras=self.extras)
 
@@ -311,6 +323,8 @@ class DuSSSPretrain(PretrainModule):
             raise ValueError(f"the DuSSS text mask is binary (data.num_classes=1), got {d.num_classes} classes")
         if len(v.decoder_channels) != 2:
             raise ValueError(f"vlm.decoder_channels must list two widths, got {v.decoder_channels!r}")
+        if not 0 <= v.mask_share < 1:
+            raise ValueError(f"vlm.mask_share must be in [0, 1), got {v.mask_share}")
         if v.text_variants < 1:
             raise ValueError(f"vlm.text_variants must be at least 1, got {v.text_variants}")
         if not 0 < v.aug_crop_min <= 1:

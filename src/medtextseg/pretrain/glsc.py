@@ -174,6 +174,8 @@ class GLscPretrain(DuSSSPretrain):
             raise ValueError("contrastive pre-training needs data.batch_size >= 2 (the batch holds the negatives)")
         if len(v.decoder_channels) != 2:
             raise ValueError(f"vlm.decoder_channels must list two widths, got {v.decoder_channels!r}")
+        if not 0 <= v.mask_share < 1:
+            raise ValueError(f"vlm.mask_share must be in [0, 1), got {v.mask_share}")
         if v.local_weight < 0 or v.mask_weight < 0:
             raise ValueError("vlm.local_weight and vlm.mask_weight must be >= 0")
         if v.monitor not in MONITORS:
