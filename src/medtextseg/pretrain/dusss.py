@@ -251,6 +251,12 @@ def mask_repeats(n_labeled: int, n_train: int, share: float) -> int:
     return max(1, ceil(share * (n_train - n_labeled) / ((1.0 - share) * n_labeled) - 1e-9))
 
 
+def check_mask_share(share: float) -> None:
+    """``vlm.mask_share`` is a share of an epoch's items: in [0, 1) (shared by every VLM pre-training)."""
+    if not 0 <= share < 1:
+        raise ValueError(f"vlm.mask_share must be in [0, 1), got {share}")
+
+
 class PairDataModule(L.LightningDataModule):
     """Every Train image (labeled and unlabeled) for training, the Val images for selection;
     with ``vlm.mask_share`` the labeled ones repeated (:func:`mask_repeats`).
@@ -323,8 +329,7 @@ class DuSSSPretrain(PretrainModule):
             raise ValueError(f"the DuSSS text mask is binary (data.num_classes=1), got {d.num_classes} classes")
         if len(v.decoder_channels) != 2:
             raise ValueError(f"vlm.decoder_channels must list two widths, got {v.decoder_channels!r}")
-        if not 0 <= v.mask_share < 1:
-            raise ValueError(f"vlm.mask_share must be in [0, 1), got {v.mask_share}")
+        check_mask_share(v.mask_share)
         if v.text_variants < 1:
             raise ValueError(f"vlm.text_variants must be at least 1, got {v.text_variants}")
         if not 0 < v.aug_crop_min <= 1:

@@ -43,7 +43,7 @@ from medtextseg.classes import class_names
 from medtextseg.config import Config
 from medtextseg.losses import DiceCE
 from medtextseg.metrics import dice_iou_per_image
-from medtextseg.pretrain.dusss import MONITORS, DuSSSPretrain, _zero_touch
+from medtextseg.pretrain.dusss import MONITORS, DuSSSPretrain, _zero_touch, check_mask_share
 from medtextseg.pretrain.similarity import DEFAULT_EPS, info_nce, same_text_positives
 from medtextseg.text.prompts import ClassPrompts
 
@@ -174,8 +174,7 @@ class GLscPretrain(DuSSSPretrain):
             raise ValueError("contrastive pre-training needs data.batch_size >= 2 (the batch holds the negatives)")
         if len(v.decoder_channels) != 2:
             raise ValueError(f"vlm.decoder_channels must list two widths, got {v.decoder_channels!r}")
-        if not 0 <= v.mask_share < 1:
-            raise ValueError(f"vlm.mask_share must be in [0, 1), got {v.mask_share}")
+        check_mask_share(v.mask_share)
         if v.local_weight < 0 or v.mask_weight < 0:
             raise ValueError("vlm.local_weight and vlm.mask_weight must be >= 0")
         if v.monitor not in MONITORS:
