@@ -141,6 +141,19 @@ def test_mask_share_repeats_the_labeled_images_of_a_pretraining_epoch(spine):
         GLscPretrain.check_config(load_preset("glsc-vlm", "smoke", ["vlm.mask_share=1.0"]))
 
 
+@pytest.mark.parametrize("override, match", [
+    ("vlm.text_variants=0", "text_variants"), ("vlm.aug_crop_min=0", "aug_crop_min"),
+    ("data.num_classes=1", "num_classes to K >= 2"), ("data.patches=true", "GLsc pre-training resizes"),
+    ("vlm.mask_weight=-1", "mask_weight")])
+def test_glsc_refuses_what_its_views_and_prompts_cannot_use(override, match):
+    """GLsc inherits DuSSS's two-view data, so it gets DuSSS's checks of it (and its own)."""
+    from medtextseg.pretrain.glsc import GLscPretrain
+
+    GLscPretrain.check_config(load_preset("glsc-vlm", "smoke"))
+    with pytest.raises(ValueError, match=match):
+        GLscPretrain.check_config(load_preset("glsc-vlm", "smoke", [override]))
+
+
 def test_glsc_then_promptssl_smoke_runs_and_the_student_predicts_alone(spine, tmp_path):
     sets = ["data.labeled_ratio=0.5"]
     vlm_run = tmp_path / "glsc"

@@ -320,13 +320,22 @@ class DuSSSPretrain(PretrainModule):
         self.mask_loss = DiceCE(1, self.cfg.loss.dice, self.cfg.loss.ce)
         self._val: list[tuple[Tensor, Tensor, Tensor]] = []
 
+    # Which paper's pre-training this is, for messages.
+    label = "DuSSS"
+
+    @classmethod
+    def check_classes(cls, num_classes: int) -> None:
+        """Refuse a ``data.num_classes`` this pre-training cannot use (DuSSS: binary only)."""
+        if num_classes != 1:
+            raise ValueError(f"the DuSSS text mask is binary (data.num_classes=1), got {num_classes} classes")
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
+        """The checks of every pre-training built on this one (GLsc adds its own after these)."""
         v, d = cfg.vlm, cfg.data
+        cls.check_classes(d.num_classes)
         if d.patches:
-            raise ValueError("DuSSS pre-training resizes every image to data.img_size; set data.patches=false")
-        if d.num_classes != 1:
-            raise ValueError(f"the DuSSS text mask is binary (data.num_classes=1), got {d.num_classes} classes")
+            raise ValueError(f"{cls.label} pre-training resizes every image to data.img_size; set data.patches=false")
         if len(v.decoder_channels) != 2:
             raise ValueError(f"vlm.decoder_channels must list two widths, got {v.decoder_channels!r}")
         check_mask_share(v.mask_share)

@@ -43,7 +43,7 @@ from medtextseg.classes import class_names
 from medtextseg.config import Config
 from medtextseg.losses import DiceCE
 from medtextseg.metrics import dice_iou_per_image
-from medtextseg.pretrain.dusss import MONITORS, DuSSSPretrain, _zero_touch, check_mask_share
+from medtextseg.pretrain.dusss import DuSSSPretrain, _zero_touch
 from medtextseg.pretrain.similarity import DEFAULT_EPS, info_nce, same_text_positives
 from medtextseg.text.prompts import ClassPrompts
 
@@ -162,23 +162,20 @@ class GLscPretrain(DuSSSPretrain):
         self.register_buffer("prompt_attn", attn, persistent=False)
         self.mask_loss = DiceCE(cfg.data.num_classes, cfg.loss.dice, cfg.loss.ce)
 
+    label = "GLsc"
+
     @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        d, v = cfg.data, cfg.vlm
-        if d.num_classes < 2:
+    def check_classes(cls, num_classes: int) -> None:
+        if num_classes < 2:
             raise ValueError("GLsc prompts one text per class: set data.num_classes to K >= 2 "
                              "(binary data: the dusss-vlm preset)")
-        if d.patches:
-            raise ValueError("GLsc pre-training resizes every image to data.img_size; set data.patches=false")
-        if d.batch_size < 2:
-            raise ValueError("contrastive pre-training needs data.batch_size >= 2 (the batch holds the negatives)")
-        if len(v.decoder_channels) != 2:
-            raise ValueError(f"vlm.decoder_channels must list two widths, got {v.decoder_channels!r}")
-        check_mask_share(v.mask_share)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        v = cfg.vlm
         if v.local_weight < 0 or v.mask_weight < 0:
             raise ValueError("vlm.local_weight and vlm.mask_weight must be >= 0")
-        if v.monitor not in MONITORS:
-            raise ValueError(f"vlm.monitor must be one of {', '.join(MONITORS)}, got {v.monitor!r}")
 
     def text_extras(self, texts: list[str]) -> dict[str, Tensor]:
         return {"prompts": self.prompts.rows(texts), "absent": self.prompts.absent(texts)}
