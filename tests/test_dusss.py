@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -153,6 +154,8 @@ def test_train_refuses_a_missing_or_unfitting_vlm_and_writes_nothing(case, data,
     if case == "missing":
         res = _cli_train(data, out)
         assert "medtextseg pretrain --preset dusss-vlm" in res.output
+        # the split's flags, so that a VLM learning from masks sees only this run's labeled ones
+        assert re.search(r"--labeled-ratio\s+0\.25\s+--seed\s+\d+", res.output), res.output
     elif case == "size":
         res = _cli_train(data, out, "--vlm", vlm_run, "--set", "data.img_size=64")
         assert "data.img_size" in res.output

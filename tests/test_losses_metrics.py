@@ -1,11 +1,19 @@
 """Loss and metric values against hand-computed cases, empty masks included."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from medtextseg.losses import DiceCE
-from medtextseg.metrics import binarize, dice_iou_per_image
+from medtextseg.metrics import (
+    binarize,
+    dice_iou_per_class,
+    dice_iou_per_image,
+    mean_of_scored,
+    scored_totals,
+)
 
 
 def _mask(h, w, boxes):
@@ -46,6 +54,24 @@ def test_multiclass_mean_over_present_classes():
     dice, iou = dice_iou_per_image(pred, gt, num_classes=3)
     assert dice.item() == pytest.approx((2 * 1 / 3 + 1.0) / 2)
     assert iou.item() == pytest.approx((1 / 2 + 1.0) / 2)
+
+
+def test_mean_of_scored_is_the_class_mean_over_the_images_that_score_each_class():
+    # Image 0 shows classes 1 and 2, image 1 class 1 only: class 1 is scored twice, class 2 once.
+    t = torch.zeros(2, 1, 2, 4, dtype=torch.long)
+    t[0, 0, 0, :2], t[0, 0, 1, :2], t[1, 0, 0, :2] = 1, 2, 1
+    p = t.clone()
+    p[0, 0, 1, :2] = 0          # image 0 misses class 2 (Dice 0); the rest is perfect
+    dice, _ = dice_iou_per_class(p, t, 3)
+    # per class: class 1 -> (1 + 1) / 2 = 1, class 2 -> 0; mean over classes 0.5, while the
+    # mean of the per-image mDice would be (0.5 + 1) / 2 = 0.75
+    assert mean_of_scored(scored_totals(dice)) == pytest.approx(0.5)
+    assert float(dice_iou_per_image(p, t, 3)[0].mean()) == pytest.approx(0.75)
+    # batch totals add up to the totals of the whole set
+    torch.testing.assert_close(scored_totals(dice[:1]) + scored_totals(dice[1:]), scored_totals(dice))
+    # one column (binary per-image figures): the plain mean over images
+    assert mean_of_scored(scored_totals(torch.tensor([0.2, 0.4]))) == pytest.approx(0.3)
+    assert math.isnan(mean_of_scored(scored_totals(torch.full((2, 3), float("nan")))))
 
 
 def test_binarize_threshold_and_argmax():

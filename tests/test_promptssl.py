@@ -102,6 +102,15 @@ def test_class_prompts_carry_each_class_state_from_the_text():
         ClassPrompts(["background", "lesion"], "spine")
 
 
+@pytest.mark.parametrize("tier", ["smoke", "cpu", "paper"])
+def test_glsc_vlm_and_promptssl_presets_chain_at_their_defaults(tier):
+    """The VLM learns the masks of its own split; `train --vlm` refuses a VLM that read masks
+    the segmentation run treats as unlabeled, so both presets must draw the same split."""
+    vlm, seg = load_preset("glsc-vlm", tier), load_preset("promptssl", tier)
+    assert vlm.vlm.mask_supervision
+    assert (vlm.data.labeled_ratio, vlm.train.seed) == (seg.data.labeled_ratio, seg.train.seed)
+
+
 # -- smoke runs on non-square spine slices -------------------------------------------------------
 @pytest.fixture(scope="module")
 def spine(tmp_path_factory):
@@ -176,6 +185,14 @@ def test_glsc_then_promptssl_smoke_runs_and_the_student_predicts_alone(spine, tm
     assert set(test["classes"]) <= set(CLASS_NAMES[1:]) and test["classes"]
     assert test["dice"] == pytest.approx(sum(c["dice"] for c in test["classes"].values()) / len(test["classes"]))
     assert (out / "vlm").is_dir()
+    # Of the frozen VLM the checkpoints keep only the decoder stage 2 trains (the rest is in vlm/) ...
+    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    kept = [k for k in state if k.startswith("glsc.")]
+    assert kept and all(k.startswith("glsc.vlm.decoder.") for k in kept)
+    # ... and a resumed fit gets the rest back from vlm/ (strict loading), then trains on.
+    metrics = train(load_preset("promptssl", "smoke", sets + ["train.max_epochs=3"]), None, out, resume=True,
+                    progress=False)
+    assert json.loads((out / "run.json").read_text())["finished"]["epochs"] == 3
     # The student alone predicts: the VLM's weights are not needed to load the run.
     from medtextseg.engine import load_run
 
@@ -191,6 +208,28 @@ def test_promptssl_refuses_a_vlm_of_another_size(spine, tmp_path):
     with pytest.raises(RunError, match="img_size"):
         train(cfg, spine, tmp_path / "bad", vlm=vlm_run, progress=False)
     assert not (tmp_path / "bad").exists()
+
+    # A state word the prompts cannot read (not a slip of one state) is refused, naming the
+    # image and the word, by both stages, before their run directory exists.
+    import shutil
+
+    from openpyxl import load_workbook
+
+    bad = tmp_path / "bad-text"
+    shutil.copytree(spine, bad)
+    book = bad / "Train_Folder" / "Train_text.xlsx"
+    wb = load_workbook(book)
+    row = next(r for r in wb.active.iter_rows(min_row=2) if r[1].value)
+    name, text = row[0].value, row[1].value
+    row[1].value = ", ".join("L3 broken" if p.startswith("L3 ") else p for p in text.split(", "))
+    wb.save(book)
+    sets = ["data.labeled_ratio=0.5", "train.max_epochs=1"]
+    stem = name.rsplit(".", 1)[0]
+    with pytest.raises(RunError, match=rf"{stem}.*L3 'broken'"):
+        train(load_preset("promptssl", "smoke", sets), bad, tmp_path / "p", vlm=vlm_run, progress=False)
+    with pytest.raises(RunError, match=rf"{stem}.*L3 'broken'"):
+        pretrain(load_preset("glsc-vlm", "smoke", sets), bad, tmp_path / "g", progress=False)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "g").exists()
 
 
 def test_multiclass_mean_teacher_smoke_run_on_non_square_slices(spine, tmp_path):

@@ -149,3 +149,36 @@ def test_cli_n_cases(tmp_path):
     assert len(list((tmp_path / "s").rglob("labelcol/case_*.png"))) >= 24
     r = cli("synth", "lung-ct", "--n-cases", 2, "--size", 32, "--out", tmp_path / "x")
     assert r.exit_code != 0 and "--n-cases" in r.output
+
+
+REAL_SPINE_TEXTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spine_text" / "train_val_text.xlsx"
+
+
+def _slips(word: str) -> set[str]:
+    """The generator's (and the real file's) kinds of slip: swap two letters, drop or double the last."""
+    out = {word[:-1], word + word[-1]}
+    out |= {word[:i] + word[i + 1] + word[i] + word[i + 2:] for i in range(1, len(word) - 1)}
+    return out - {word}
+
+
+def test_misspelt_states_fold_into_their_word_and_a_wrong_one_is_named():
+    text = render_spine_slice(0, 0, 6, 0).text
+    pairs = [p.split(" ") for p in text.split(", ")]
+    for t in (pairs.index(next(p for p in pairs if p[0] == "L3")), pairs.index(next(p for p in pairs if p[0] == "L34"))):
+        for slip in _slips(pairs[t][1]):
+            bent = ", ".join(" ".join([p[0], slip] if i == t else p) for i, p in enumerate(pairs))
+            assert parse_spine_text(bent) == parse_spine_text(text), slip
+    # a word near no state, and a vertebra state on a disc, are refused with the token named
+    for tok, word in (("L3", "broken"), ("L34", "link")):
+        bad = ", ".join(f"{p[0]} {word}" if p[0] == tok else " ".join(p) for p in pairs)
+        with pytest.raises(ValueError, match=f"{tok} '{word}'.*one of"):
+            parse_spine_text(bad)
+
+
+@pytest.mark.skipif(not REAL_SPINE_TEXTS.is_file(), reason="../shared/data/spine_text not present")
+def test_every_real_spine_text_parses():
+    texts = [c for row in load_workbook(REAL_SPINE_TEXTS, read_only=True).active.iter_rows(values_only=True)
+             for c in row if isinstance(c, str) and c.count(",") == len(TOKENS) - 1]
+    assert len(texts) == 2712
+    states = [parse_spine_text(t) for t in texts]
+    assert all(s in (VERTEBRA_STATES if i % 2 == 0 else DISC_STATES) for row in states for i, s in enumerate(row))

@@ -514,8 +514,11 @@ def _check_pretrained_run(cfg: Config, method_cls: type[SegMethod], vlm: Path | 
             log.info("%s resumes with its own copy of the pre-trained model; --vlm %s is not read", out, vlm)
         return None
     tier = cfg.tier if cfg.tier else "cpu"
-    how = (f"`medtextseg pretrain --preset {_pretrain_preset_for(need)} --tier {tier} --data DATA --out runs/vlm`, "
-           "then pass --vlm runs/vlm")
+    # The split's flags too: a VLM that learns from masks must see only this run's labeled ones.
+    split_flags = (f"--labeled-ids {cfg.data.labeled_ids}" if cfg.data.labeled_ids
+                   else f"--labeled-ratio {cfg.data.labeled_ratio:g} --seed {cfg.train.seed}")
+    how = (f"`medtextseg pretrain --preset {_pretrain_preset_for(need)} --tier {tier} --data DATA {split_flags} "
+           "--out runs/vlm`, then pass --vlm runs/vlm")
     if vlm is None:
         raise RunError(f"preset {cfg.preset!r} (method {cfg.method}) needs a pre-trained vision-language model: "
                        f"run {how}")
@@ -535,6 +538,10 @@ def _check_pretrained_run(cfg: Config, method_cls: type[SegMethod], vlm: Path | 
         method_cls.check_pretrained(cfg, pre_cfg)
     except ValueError as e:
         raise RunError(f"--vlm {vlm} does not fit this run: {e}") from None
+    try:
+        method_cls.check_pretrained_texts(pre_cfg, samples)
+    except ValueError as e:
+        raise RunError(f"{data}: {e}") from None
     try:
         module = pretrain_class(need)(pre_cfg.to_dict())
         module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
@@ -603,6 +610,17 @@ def _pretrained_record(ckpt: Path, run: Path) -> dict:
             "data": info.get("data"), "data_fingerprint": info.get("data_fingerprint")}
 
 
+def _with_derived_of_saved_run(cfg: Config, out: Path, resume: bool) -> Config:
+    """On resume, the keys a run derives from its data at its start (``data.domains`` from
+    the roots, ``data.classes`` from ``classes.txt``) taken from its saved config where
+    ``cfg`` leaves them empty, so that a preset's config resumes the run it started."""
+    if not resume or not (out / CONFIG_FILE).is_file():
+        return cfg
+    saved = read_config(out / CONFIG_FILE).data
+    keep = {key: getattr(saved, key) for key in ("domains", "classes") if not getattr(cfg.data, key)}
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **keep))
+
+
 def train(cfg: Config, data: DataArg | None, out: Path, *, vlm: Path | None = None, resume: bool = False,
           overwrite: bool = False, progress: bool = True, extra_callbacks: list | None = None) -> dict:
     """Validate the data, train, then evaluate the best checkpoint on Val (and Test).
@@ -623,10 +641,7 @@ def train(cfg: Config, data: DataArg | None, out: Path, *, vlm: Path | None = No
     """
     out = Path(out)
     _refuse_pretrain_preset(cfg)
-    if resume and not cfg.data.domains and (out / CONFIG_FILE).is_file():
-        # The domains are derived at the start of a run: a resumed one keeps its own.
-        saved = read_config(out / CONFIG_FILE).data.domains
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, domains=saved))
+    cfg = _with_derived_of_saved_run(cfg, out, resume)
     data, run_info, finished = _start_state(cfg, data, out, resume, _evaluate_finished)
     if finished is not None:
         return finished
@@ -697,6 +712,7 @@ def pretrain(cfg: Config, data: DataArg | None, out: Path, *, resume: bool = Fal
     if not cfg.pretrain:
         raise RunError(f"preset {cfg.preset!r} trains a segmentation method ({cfg.method}), not a "
                        f"vision-language model; run `medtextseg train --preset {cfg.preset}` instead of `pretrain`")
+    cfg = _with_derived_of_saved_run(cfg, out, resume)
     data, run_info, finished = _start_state(cfg, data, out, resume, _evaluate_pretrained_finished)
     if finished is not None:
         return finished

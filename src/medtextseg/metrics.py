@@ -88,6 +88,25 @@ def dice_iou_per_image(pred: torch.Tensor, target: torch.Tensor, num_classes: in
             torch.where(empty, 1.0, iou.nan_to_num(0).sum(1) / (~iou.isnan()).sum(1).clamp(min=1)))
 
 
+def scored_totals(values: torch.Tensor) -> torch.Tensor:
+    """Per column, the sum and the count of the scored (non-NaN) entries of ``values``:
+    ``[N]`` (binary per-image figures, one column) or ``[N, K-1]``
+    (:func:`dice_iou_per_class`) -> ``[2, C]``. Totals of several batches (or DDP ranks)
+    add up; :func:`mean_of_scored` turns them into the headline figure."""
+    v = values.reshape(values.shape[0], -1).float()
+    return torch.stack([v.nan_to_num(0).sum(0), (~v.isnan()).sum(0).float()])
+
+
+def mean_of_scored(totals: torch.Tensor) -> float:
+    """The headline of :func:`scored_totals` ``[2, C]``, as in ``metrics.json``: each class
+    averaged over the images that score it, then the mean over the classes scored
+    (PromptSSL's mDice); one column (binary): the mean over the images. NaN when nothing
+    is scored."""
+    sums, counts = totals
+    ok = counts > 0
+    return float((sums[ok] / counts[ok]).mean()) if bool(ok.any()) else float("nan")
+
+
 def _check_maps(pred: torch.Tensor, target: torch.Tensor) -> None:
     if pred.shape != target.shape or pred.ndim != 4 or pred.shape[1] != 1:
         raise ValueError(f"expected pred and target [B, 1, H, W] of equal shape, got {tuple(pred.shape)} and {tuple(target.shape)}")

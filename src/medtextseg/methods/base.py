@@ -5,12 +5,14 @@ optimiser, and validation by per-image Dice/IoU. A method subclasses
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import lightning as L
 import torch
 
 from medtextseg.config import Config
 from medtextseg.data.module import check_patch_options
+from medtextseg.data.sample import Sample
 from medtextseg.inference import sliding_window_logits
 from medtextseg.losses import DiceCE
 from medtextseg.metrics import binarize, dice_iou_per_image
@@ -101,6 +103,11 @@ class SegMethod(L.LightningModule):
     def check_pretrained(cls, cfg: Config, pretrained: Config) -> None:
         """Raise ``ValueError`` when a pre-training run's config ``pretrained`` does not fit
         ``cfg`` (called before anything is written)."""
+
+    @classmethod
+    def check_pretrained_texts(cls, pretrained: Config, samples: Sequence[Sample]) -> None:
+        """Raise ``ValueError`` when the pre-trained model (config ``pretrained``) cannot read
+        the texts of ``samples`` (called before anything is written)."""
 
     def num_predictor_parameters(self) -> int:
         """Parameters of what predicts: the network and a trainable text embedder, not

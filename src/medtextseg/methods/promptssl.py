@@ -25,7 +25,9 @@ are for), so the prompt mask is recomputed in each step from the frozen patch fe
   V_I; symmetric InfoNCE of V_I against the texts' embeddings T_f (same-text positives).
 - **L_feat** (Eq. 10, ``promptssl.feat``): V_F, the decoder features pooled under the
   foreground, against T_f, the same way: a mask that also covers structures the text
-  does not describe makes V_F look like other slices' texts.
+  does not describe makes V_F look like other slices' texts. For both, the two directions
+  are averaged (as L_GS in stage 1), where Eq. 9-10 add them: ``promptssl.region_weight``
+  and ``feat_weight`` are read against the average (the paper's sum = twice the weight).
 - **L_mask** (``promptssl.mask_supervision``, our addition, as in stage 1): Dice + CE of
   the prompt mask on the labeled images, so the decoder keeps segmenting while
   L_region / L_feat move it.
@@ -51,12 +53,14 @@ import torch.nn.functional as F
 from medtextseg.config import Config
 from medtextseg.losses import DiceCE
 from medtextseg.methods.mean_teacher import MeanTeacher
-from medtextseg.metrics import dice_iou_per_image
-from medtextseg.pretrain.similarity import info_nce
+from medtextseg.metrics import dice_iou_per_class, mean_of_scored, scored_totals
+from medtextseg.pretrain.similarity import info_nce, same_text_positives
 
 log = logging.getLogger(__name__)
 
 VLM_PREFIX = "glsc."
+# The part of the VLM that stage 2 trains (L_region, L_feat, L_mask reach only f_d).
+VLM_TRAINED_PREFIX = VLM_PREFIX + "vlm.decoder."
 
 
 def merged_prompt_label(teacher_logits: torch.Tensor, prompt_probs: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,6 +128,16 @@ class PromptSSL(MeanTeacher):
                              f"trains {d.num_classes} ({', '.join(d.classes) or 'unnamed'}): pre-train on the same "
                              "classes")
 
+    @classmethod
+    def check_pretrained_texts(cls, pretrained: Config, samples) -> None:
+        """Every text must be one the VLM's class prompts read (``vlm.prompts=spine``: the
+        MRSpineSeg grammar), or set-up would fail after the run directory exists."""
+        from medtextseg.classes import class_names
+        from medtextseg.text.prompts import ClassPrompts, check_prompt_texts
+
+        d = pretrained.data
+        check_prompt_texts(ClassPrompts(class_names(d.num_classes, d.classes), pretrained.vlm.prompts), samples)
+
     # -- set-up: the frozen VLM and the per-image tables, once per fit -----------------------
     def setup(self, stage: str) -> None:
         if stage != "fit" or not self.use_prompt or self.glsc is not None:
@@ -140,16 +154,18 @@ class PromptSSL(MeanTeacher):
         with torch.inference_mode():
             prompt_emb = module.vlm.embed_text(module.prompt_ids, module.prompt_attn)
         self.register_buffer("prompt_emb", prompt_emb.clone(), persistent=False)
-        for name in ("Train", "Unlabeled"):
-            ds = dm.datasets.get(name)
-            if ds is not None:
-                self._tables[name] = self._text_table([s.text for s in ds.samples])
+        texts = {name: [s.text for s in ds.samples] for name in ("Train", "Unlabeled")
+                 if (ds := dm.datasets.get(name)) is not None}
+        # One id per distinct text across both tables: equal texts are positives in L_region / L_feat.
+        text_ids = {t: i for i, t in enumerate(sorted({t for ts in texts.values() for t in ts}))}
+        for name, ts in texts.items():
+            self._tables[name] = self._text_table(ts, text_ids)
 
     @torch.no_grad()
-    def _text_table(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def _text_table(self, texts: list[str], text_ids: dict[str, int]) -> dict[str, torch.Tensor]:
         """Per image of a dataset: its text's embedding ``txt [N, E]`` (T_f), the rows of its
-        class prompts ``rows [N, K]`` and which classes its text calls absent ``absent [N, K]``:
-        each distinct text encoded once."""
+        class prompts ``rows [N, K]``, which classes its text calls absent ``absent [N, K]``
+        and its text's id ``text_id [N]`` (``text_ids``): each distinct text encoded once."""
         vlm, prompts = self.glsc.vlm, self.glsc.prompts
         distinct = sorted(set(texts))
         row = {t: i for i, t in enumerate(distinct)}
@@ -161,7 +177,8 @@ class PromptSSL(MeanTeacher):
         txt = torch.cat(emb) if emb else torch.zeros((0, vlm.embed_dim))
         absent = prompts.absent(distinct) if self.cfg.promptssl.absent_from_text else \
             torch.zeros((len(distinct), prompts.num_classes), dtype=torch.bool)
-        return {"txt": txt[group], "rows": prompts.rows(distinct)[group], "absent": absent[group]}
+        return {"txt": txt[group], "rows": prompts.rows(distinct)[group], "absent": absent[group],
+                "text_id": torch.tensor([text_ids[t] for t in texts], dtype=torch.long)}
 
     def on_fit_start(self) -> None:
         if self.glsc is None:
@@ -184,8 +201,9 @@ class PromptSSL(MeanTeacher):
                 images = torch.stack([plain[int(i)]["image"] for i in idx]).to(self.device)
                 probs = self.prompt_probs(images, "Unlabeled", idx.to(self.device))[0]
                 gt = torch.from_numpy(unl.hidden_masks[idx.numpy()]).long().to(self.device)
-                dices.append(dice_iou_per_image(probs.argmax(1, keepdim=True), gt, self.cfg.data.num_classes)[0])
-        self.pending_stats["promptssl/prompt_mask_dice"] = float(torch.cat(dices).mean())
+                dices.append(dice_iou_per_class(probs.argmax(1, keepdim=True), gt, self.cfg.data.num_classes)[0])
+        # The headline's protocol (per class over the images that score it, then the mean).
+        self.pending_stats["promptssl/prompt_mask_dice"] = mean_of_scored(scored_totals(torch.cat(dices)))
         log.info("prompt-guided masks of %d unlabeled images: mDice %.3f against the withheld masks",
                  unl.num_images, self.pending_stats["promptssl/prompt_mask_dice"])
 
@@ -198,13 +216,31 @@ class PromptSSL(MeanTeacher):
         if self.glsc is not None:
             self.glsc.eval()  # frozen encoders: no dropout; Lightning put every child in train mode
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep, of the VLM, only the decoder f_d that stage 2 trains: its frozen encoders are
+        in ``<run>/vlm/`` already (at the paper tier ~110 M parameters, ~0.45 GB per
+        checkpoint). Runs after the callbacks' hooks, so the weight average's
+        ``current_model_state`` is slimmed too."""
+        for key in ("state_dict", "current_model_state"):
+            state = checkpoint.get(key)
+            if state is not None:
+                for name in [k for k in state if k.startswith(VLM_PREFIX) and not k.startswith(VLM_TRAINED_PREFIX)]:
+                    del state[name]
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A run loaded for evaluate / predict has no VLM (the student alone predicts): drop
-        its decoder's weights; a resumed fit (VLM set up first) restores them."""
-        if self.glsc is None:
-            state = checkpoint.get("state_dict", {})
-            for key in [k for k in state if k.startswith(VLM_PREFIX)]:
-                del state[key]
+        its decoder's weights. A resumed fit (VLM set up first, from ``<run>/vlm/``) gets the
+        frozen weights that :meth:`on_save_checkpoint` left out back from that copy."""
+        for key in ("state_dict", "current_model_state"):
+            state = checkpoint.get(key)
+            if state is None:
+                continue
+            if self.glsc is None:
+                for name in [k for k in state if k.startswith(VLM_PREFIX)]:
+                    del state[name]
+            else:
+                for name, value in self.glsc.state_dict(prefix=VLM_PREFIX).items():
+                    state.setdefault(name, value)
 
     # -- the prompt mask ---------------------------------------------------------------------
     def prompt_probs(self, images: torch.Tensor, dataset: str, index: torch.Tensor):
@@ -219,9 +255,11 @@ class PromptSSL(MeanTeacher):
         dense = vlm.pixel_features(patches)
         rows = table["rows"][index]
         emb = self.prompt_emb[rows]
-        low = prompt_mask(dense, emb, prompt_scores(img_emb, emb, table["absent"][index]))
-        probs = F.interpolate(low, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
-        return probs, 1.0 - low[:, :1], dense, table["txt"][index]
+        # The mask GLsc trained and selected: logits upsampled, then the softmax (its Eq. 8).
+        probs = prompt_mask(dense, emb, prompt_scores(img_emb, emb, table["absent"][index]), images.shape[-2:])
+        # L_feat pools f_d at its own resolution: each feature cell weighted by its foreground share.
+        fg_low = F.adaptive_avg_pool2d(1.0 - probs[:, :1], dense.shape[-2:])
+        return probs, fg_low, dense, table["txt"][index]
 
     def prepare_batch(self, lab: dict, unl: dict | None) -> tuple[dict, dict | None]:
         """The prompt masks of the step's images; L_region, L_feat and L_mask for
@@ -235,8 +273,9 @@ class PromptSSL(MeanTeacher):
         terms: dict[str, torch.Tensor] = {}
         reg = probs_u.new_zeros(())
         txt = torch.cat([txt_l, txt_u])
-        # Equal texts (in either half) have equal unit embeddings: positives, not negatives.
-        same = txt @ txt.T > 1 - 1e-5
+        # Equal texts (in either half) are positives, not negatives.
+        same = same_text_positives(torch.cat([self._tables["Train"]["text_id"][lab["index"]],
+                                              self._tables["Unlabeled"]["text_id"][unl["index"]]]))
         tau = vlm.temperature.detach()
         if p.region and p.region_weight > 0:  # Eq. 9
             images = torch.cat([lab["image"], unl["image"]])

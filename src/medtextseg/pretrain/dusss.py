@@ -91,7 +91,7 @@ from medtextseg.data.module import (
 )
 from medtextseg.data.sample import Sample
 from medtextseg.losses import DiceCE
-from medtextseg.metrics import binarize, dice_iou_per_image
+from medtextseg.metrics import binarize, dice_iou_per_image, mean_of_scored, scored_totals
 from medtextseg.nets.vlm import DualEncoderVLM
 from medtextseg.pretrain.base import PretrainModule
 from medtextseg.pretrain.retrieval import retrieval_recall
@@ -444,7 +444,9 @@ class DuSSSPretrain(PretrainModule):
 
     def _embed_batch(self, batch: dict) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """``img_emb [B, E]``, ``txt_emb [B, E]`` (each image's own text) and the text mask's
-        ``(dice, iou)`` ``[B_m]`` on the images with a mask (None when none has one)."""
+        ``(dice, iou)`` ``[B_m]`` on the images with a mask (None when none has one;
+        GLsc: ``[B_m, K-1]`` per class, NaN where not scored; both reduce through
+        :func:`~medtextseg.metrics.mean_of_scored`)."""
         img_emb, _, _, patches = self.vlm.encode_image(batch["image"])
         txt_emb = self.vlm.embed_text(batch["ids"], batch["attn"])
         has = batch["has_mask"].bool()
@@ -464,16 +466,27 @@ class DuSSSPretrain(PretrainModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val = []
+        # Dice and IoU totals (metrics.scored_totals) of the masked Val images: [2, 2, C].
+        self._val_mask = None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         img, txt, scores = self._embed_batch(batch)
         self._val.append((img.float(), txt.float(), batch["group"]))
         if scores is not None:
-            self.log("val/text_dice", scores[0].mean(), batch_size=len(scores[0]), prog_bar=True, sync_dist=True)
+            totals = torch.stack([scored_totals(scores[0]), scored_totals(scores[1])])
+            self._val_mask = totals if self._val_mask is None else self._val_mask + totals
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
             return
+        totals = self._val_mask
+        if self.trainer.world_size > 1:
+            # Every rank joins the gather, also one whose shard held no mask.
+            c = 1 if self.cfg.data.num_classes == 1 else self.cfg.data.num_classes - 1
+            totals = self.all_gather(totals if totals is not None else torch.zeros((2, 2, c), device=self.device))
+            totals = totals.sum(0)
+        if totals is not None and bool(totals[0, 1].sum() > 0):
+            self.log("val/text_dice", mean_of_scored(totals[0]), prog_bar=True)
         img, txt, groups = (torch.cat(x) for x in zip(*self._val, strict=True))
         self._val = []
         if self.trainer.world_size > 1:
@@ -506,5 +519,6 @@ class DuSSSPretrain(PretrainModule):
         out = self._retrieval(torch.cat(imgs), torch.cat(txts), torch.cat(groups))
         if dices:
             d, i = torch.cat(dices), torch.cat(ious)
-            out.update(text_dice=float(d.mean()), text_iou=float(i.mean()), n_masks=len(d))
+            out.update(text_dice=mean_of_scored(scored_totals(d)), text_iou=mean_of_scored(scored_totals(i)),
+                       n_masks=len(d))
         return out

@@ -14,7 +14,9 @@ and evaluation. Every Train image with its text trains it; masks only where kept
   same functions as DuSSS's SSS (:func:`~medtextseg.pretrain.similarity.pairwise_sss`,
   shared, not copied), the same constants (``vlm.sss_a/b/lam``) and the same plain-InfoNCE
   warm-up (``vlm.sss_warmup_epochs``). ``vlm.sss=false`` leaves plain InfoNCE (the
-  ablation without L_GS).
+  ablation without L_GS). A choice: the image-to-text and text-to-image directions are
+  averaged, as DuSSS's Eq. 8 does, where Eq. 7 adds them; the sum would double L_GS
+  against L_LS (the weight ``vlm.local_weight`` is read against the average).
 - **L_LS** (Eq. 1-2, ``vlm.local_constraint``): :func:`local_semantic_loss`.
 - **L_mask** (``vlm.mask_supervision``; not in the paper, as for DuSSS): nothing in
   Eq. 1-7 trains the decoder f_d that Eq. 8 reads, and PromptSSL's L_region / L_feat
@@ -41,11 +43,12 @@ from torch import Tensor
 
 from medtextseg.classes import class_names
 from medtextseg.config import Config
+from medtextseg.data.sample import Sample
 from medtextseg.losses import DiceCE
-from medtextseg.metrics import dice_iou_per_image
+from medtextseg.metrics import dice_iou_per_class
 from medtextseg.pretrain.dusss import DuSSSPretrain, _zero_touch
 from medtextseg.pretrain.similarity import DEFAULT_EPS, info_nce, same_text_positives
-from medtextseg.text.prompts import ClassPrompts
+from medtextseg.text.prompts import ClassPrompts, check_prompt_texts
 
 #: The local weights 1/sigma_k^2 are used relative to their batch mean and clipped to
 #: [1/LS_MAX_WEIGHT, LS_MAX_WEIGHT], so one near-constant patch cannot dominate the batch.
@@ -177,6 +180,12 @@ class GLscPretrain(DuSSSPretrain):
         if v.local_weight < 0 or v.mask_weight < 0:
             raise ValueError("vlm.local_weight and vlm.mask_weight must be >= 0")
 
+    @classmethod
+    def check_samples(cls, cfg: Config, samples: Sequence[Sample]) -> None:
+        super().check_samples(cfg, samples)
+        check_prompt_texts(ClassPrompts(class_names(cfg.data.num_classes, cfg.data.classes), cfg.vlm.prompts),
+                           samples)
+
     def text_extras(self, texts: list[str]) -> dict[str, Tensor]:
         return {"prompts": self.prompts.rows(texts), "absent": self.prompts.absent(texts)}
 
@@ -234,5 +243,5 @@ class GLscPretrain(DuSSSPretrain):
         if has.any():
             probs = self.prompt_probs(img_emb[has], patches[has], batch["prompts"][has], batch["absent"][has],
                                       batch["image"].shape[-2:])
-            scores = dice_iou_per_image(probs.argmax(1, keepdim=True), batch["mask"][has], self.cfg.data.num_classes)
+            scores = dice_iou_per_class(probs.argmax(1, keepdim=True), batch["mask"][has], self.cfg.data.num_classes)
         return img_emb, txt_emb, scores

@@ -78,10 +78,12 @@ class ClassPrompts:
         return len(self.class_names)
 
     def _states(self, text: str) -> dict[int, str]:
-        from medtextseg.data.synthetic.spine_mr import parse_spine_text
+        from medtextseg.data.synthetic.spine_mr import SpineStateError, parse_spine_text
 
         try:
             states = parse_spine_text(text)
+        except SpineStateError as e:
+            raise ValueError(f"vlm.prompts=spine: {e}") from None
         except ValueError:
             raise ValueError(f"vlm.prompts=spine: {text!r} is not in the MRSpineSeg grammar "
                              "('T9 none, T910 none, ..., S split'); use vlm.prompts=names") from None
@@ -110,3 +112,18 @@ class ClassPrompts:
             for c in range(1, self.num_classes):
                 out[i, c] = states[c] == ABSENT_STATE
         return out
+
+
+def check_prompt_texts(prompts: ClassPrompts, samples: Sequence) -> None:
+    """Raise one ``ValueError`` naming the first image (``samples``: :class:`Sample`) whose
+    text ``prompts`` cannot read, so that a run refuses it before it writes anything; each
+    distinct text is parsed once."""
+    seen: set[str] = set()
+    for s in samples:
+        if s.text in seen:
+            continue
+        seen.add(s.text)
+        try:
+            prompts.rows([s.text])
+        except ValueError as e:
+            raise ValueError(f"the text of {s.split} image {s.id} ({s.image_path.name}): {e}") from None
