@@ -114,7 +114,19 @@ def _batch(module: DuSSSPretrain, labeled: bool = True) -> dict:
     return {"image": torch.rand(4, 3, 32, 32, generator=g), "image2": torch.rand(4, 3, 32, 32, generator=g),
             "ids": ids, "attn": attn, "ids2": ids.flip(0), "attn2": attn.flip(0), "group": torch.tensor([0, 1, 0, 1]),
             "has_mask": torch.tensor([labeled, False, labeled, False]),
-            "mask": (torch.rand(4, 1, 32, 32, generator=g) > 0.5).long(), "index": torch.arange(4)}
+            "mask": (torch.rand(4, 1, 32, 32, generator=g) > 0.5).long(), "index": torch.arange(4),
+            "id": ["a", "b", "c", "d"]}
+
+
+def test_copies_of_one_image_are_positives_of_each_other_in_the_image_term():
+    """vlm.mask_share repeats labeled images inside an epoch: two copies in one batch must not
+    be each other's negatives in I2I (Eq. 9)."""
+    m = _module().eval()
+    batch = _batch(m)
+    distinct = float(m.losses(batch)["imc"])
+    assert float(m.losses(batch)["imc"]) == distinct  # eval mode: the same batch, the same term
+    copies = float(m.losses({**batch, "id": ["a", "b", "a", "d"]})["imc"])
+    assert copies != pytest.approx(distinct)
 
 
 def _module(*overrides: str) -> DuSSSPretrain:
@@ -243,3 +255,16 @@ def test_selection_on_the_text_mask_dice(data, tmp_path):
     res = cli("pretrain", "--preset", "dusss-vlm", "--tier", "smoke", "--data", data, "--out", tmp_path / "bad",
               "--set", "vlm.monitor=loss")
     assert res.exit_code == 2 and "vlm.monitor" in res.output and not (tmp_path / "bad").exists()
+
+
+def test_only_epochs_trained_with_sss_can_be_selected(vlm_run):
+    """The smoke tier warms up 1 epoch without SSS: that epoch logs val/r1 = -1 (its figure
+    under val/r1_warmup), so best.ckpt is an SSS epoch."""
+    import csv
+
+    rows = [r for f in sorted(vlm_run.glob("logs/csv/*/metrics.csv")) for r in csv.DictReader(f.open())
+            if r.get("val/r1")]
+    by_epoch = {int(r["epoch"]): r for r in rows}
+    assert float(by_epoch[0]["val/r1"]) == -1.0 and 0.0 <= float(by_epoch[0]["val/r1_warmup"]) <= 1.0
+    assert float(by_epoch[1]["val/r1"]) >= 0.0 and not by_epoch[1].get("val/r1_warmup")
+    assert torch.load(vlm_run / "checkpoints" / "best.ckpt", weights_only=False)["epoch"] == 1

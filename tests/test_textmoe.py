@@ -122,7 +122,7 @@ def test_registered_and_refuses_what_it_cannot_train():
     TextMoE.check_config(cfg)
     for override, words in (("network.name=unet", "network.name"), ("data.num_classes=2", "num_classes"),
                             ("data.patches=true", "patches"), ("network.use_text=false", "use_text"),
-                            ("textmoe.band=2", "textmoe.band")):
+                            ("textmoe.band=2", "textmoe.band"), ("data.img_size=48", "divisible by 32")):
         with pytest.raises(ValueError, match=words):
             TextMoE.check_config(load_preset("textmoe", "smoke", [override]))
 
@@ -237,6 +237,29 @@ def test_the_batchs_domain_reaches_student_and_teacher():
     assert seen == [None]
 
 
+def test_mean_teacher_passes_each_images_domain_to_student_and_teacher():
+    """The family's step itself wires the modality: a Mean Teacher on a network that reads it."""
+    from medtextseg.methods.mean_teacher import MeanTeacher
+
+    cfg = load_preset("textmoe", "smoke", ["method=mean_teacher", "data.domains=[cxr, ct]"])
+    enc = build_text_encoder(cfg.text.encoder, max_len=cfg.text.max_len, dim=cfg.text.dim)
+    enc.fit(["bilateral pulmonary infection, two infected areas, upper left lung and lower right lung"])
+    m = MeanTeacher(cfg.to_dict(), text_state=enc.state(), text_dim=cfg.text.dim)
+    seen = []
+    for net in (m.net, m.teacher):
+        forward = net.forward
+
+        def spy(images, text=None, domain=None, _f=forward, **kw):
+            seen.append(None if domain is None else domain.tolist())
+            return _f(images, text, domain=domain, **kw)
+
+        net.forward = spy
+    lab, unl = _batch(cfg.data.img_size, cfg.text.max_len)
+    lab["domain"], unl["domain"] = torch.tensor([0, 1]), torch.tensor([1, 0])
+    m.training_step({"labeled": lab, "unlabeled": unl}, 0)
+    assert seen == [[0, 1, 1, 0], [1, 0]]
+
+
 def test_resize_crop_augmentation_keeps_masks_binary_and_the_size():
     cfg = DataConfig(img_size=64, augment="resize_crop", crop_min_scale=0.5)
     t = build_augmentation(cfg)
@@ -277,7 +300,23 @@ def test_smoke_run_writes_metrics(preset, data, tmp_path):
     written = json.loads((tmp_path / preset / "metrics.json").read_text())
     for split in ("Val", "Test"):
         assert 0.0 <= written[split]["dice"] <= 1.0 and written[split]["dice"] == metrics[split]["dice"]
-    assert {"train/sup", "train/cr", "train/diff", "train/loss"} <= _logged(tmp_path / preset)
+    # textmoe-plain is Table 2 row 2: the naive teacher-student loss, no L_cr / L_diff
+    expected = {"train/sup", "train/cr", "train/diff"} if preset == "textmoe" else {"train/sup", "train/consistency"}
+    assert expected | {"train/loss"} <= _logged(tmp_path / preset)
+    if preset == "textmoe-plain":
+        assert not _logged(tmp_path / preset) & {"train/cr", "train/diff"}
+
+
+def test_a_size_the_network_refuses_leaves_an_existing_run_untouched(data, tmp_path):
+    """The network's own checks run in check_config (a build on the meta device), before
+    --overwrite clears anything."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier run")
+    with pytest.raises(ValueError, match="divisible by 32"):  # check_config's refusals are ValueErrors
+        train(load_preset("textmoe", "smoke", ["data.labeled_ratio=0.25", "data.img_size=48"]), data, out,
+              overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "an earlier run"
 
 
 def test_switches_off_change_the_logged_terms(data, tmp_path):

@@ -344,3 +344,18 @@ def test_channels_last_gives_the_same_logits():
     assert out.is_contiguous()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("name", ["textmoe", "textmoe-plain"])
+def test_padding_tokens_change_nothing(name):
+    """The text encoders pad with zero vectors; the text expert would turn each pad into the
+    same non-zero token, so pads are kept out of the attention (TMoE) and the mean (Plain-MoE)."""
+    net = tiny(name)
+    images, text = inputs(length=5)
+    padded = torch.cat([text, torch.zeros(2, 7, TEXT_DIM)], dim=1)
+    padded[1, 3:] = 0.0  # the second text has only 3 real tokens
+    short = text.clone()
+    short[1, 3:] = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(net(images, padded), net(images, short), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(net(images, padded), net(images, text), atol=1e-4)  # the text still counts

@@ -735,7 +735,8 @@ def pretrain(cfg: Config, data: DataArg | None, out: Path, *, resume: bool = Fal
         module = module_cls(cfg.to_dict())
     except ValueError as e:
         raise RunError(f"{cfg.preset}: {e}") from None
-    n_masks = sum(s.split == "Train" and s.labeled for s in samples)
+    # Masks the model reads (vlm.mask_supervision); with it off none is, whatever the split.
+    n_masks = sum(s.split == "Train" and s.labeled for s in samples) if cfg.vlm.mask_supervision else 0
 
     def body(child: bool) -> dict:
         if not child:

@@ -31,6 +31,22 @@ def network_from_config(cfg: Config, text_dim: int):
         **cfg.network.options)
 
 
+def check_network_builds(cfg: Config) -> None:
+    """Build the config's network on the meta device (no memory, no initialisation; well
+    under a second) so that whatever its constructor refuses (a size it cannot take, a width
+    its groups do not divide, a local checkpoint of other widths) is refused by
+    ``check_config``, before anything is written. The text width is a stand-in
+    (``text.dim``): it sizes layers, it constrains none. Local weights cannot be loaded on
+    the meta device; a network that gets that far has passed its own checks and is built
+    for real when the run starts."""
+    try:
+        with torch.device("meta"):
+            network_from_config(cfg, cfg.text.dim)
+    except RuntimeError as e:
+        if "meta" not in str(e):
+            raise
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
@@ -77,6 +93,7 @@ class SegMethod(L.LightningModule):
         """Raise ``ValueError`` for a config this method cannot train (called before anything is written)."""
         check_patch_options(cfg.data)
         check_network_options(cfg.network.name, cfg.network.options)
+        check_network_builds(cfg)
         if cfg.data.num_classes != 1 and not cls.supports_multiclass:
             raise ValueError(f"{cls.__name__} is binary (its paper's pseudo labels are foreground "
                              f"probabilities): set data.num_classes=1, or train K={cfg.data.num_classes} classes "

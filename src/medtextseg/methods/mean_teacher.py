@@ -117,11 +117,15 @@ class MeanTeacher(SemiSupervised):
         if unl is None:
             return self.supervised_step(lab)
         n_l = len(lab["image"])
-        logits = self(torch.cat([lab["image"], self.student_view(unl)]), torch.cat([lab["text"], unl["text"]]))
+        # Composite data: each image's domain reaches the networks that read the modality
+        # (the others ignore it), the student's and the teacher's alike.
+        domain = torch.cat([lab["domain"], unl["domain"]]) if "domain" in lab and "domain" in unl else None
+        logits = self(torch.cat([lab["image"], self.student_view(unl)]), torch.cat([lab["text"], unl["text"]]),
+                      domain)
         l_sup = self.sup_loss(logits[:n_l], lab["mask"])
         with torch.no_grad():
             tokens = self.text_embedder(unl["text"]) if self.use_text else None
-            target = self.pseudo_target(self.teacher(self.teacher_view(unl), tokens), unl)
+            target = self.pseudo_target(self.teacher(self.teacher_view(unl), tokens, domain=unl.get("domain")), unl)
         l_unsup, parts = self.unsup_loss(logits[n_l:], target, unl)
         loss = self.with_regulariser(l_sup + w * l_unsup)
         self.log("train/loss", loss, batch_size=len(logits), prog_bar=True)

@@ -32,7 +32,10 @@ L = L_sup + w · ``cr_weight`` · L_cr + ``diff_weight`` · L_diff (Eq. 9 with w
 consistency on probabilities): the "naive unsupervised teacher-student loss" of the
 paper's Table 2 rows 2-3. ``textmoe.diff = false`` drops L_diff. The labeled-only row
 (Table 2 row 1) is ``--set method=supervised textmoe.diff=false`` on this preset: the same
-network and optimiser trained on the labeled images of ``data.labeled_ratio`` alone.
+network and optimiser trained on the labeled images of ``data.labeled_ratio`` alone. A
+stand-in: the paper's row 1 has no MoE decoder at all (both MoE columns unticked) and does
+not say which decoder it used; the TMoE network keeps the row's only difference from the
+others the loss.
 
 How the pieces reach the reused Mean Teacher step (which is not copied):
 ``training_step`` records the batch's domains; :meth:`_net_forward` (the student's
@@ -77,8 +80,9 @@ class DomainBound(nn.Module):
         self.net = net
         self.domain: torch.Tensor | None = None
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(images, text, domain=self.domain)
+    def forward(self, images: torch.Tensor, text: torch.Tensor | None = None,
+                domain: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(images, text, domain=domain if domain is not None else self.domain)
 
 
 class TextMoE(MeanTeacher):

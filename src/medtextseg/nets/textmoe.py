@@ -250,7 +250,9 @@ class TextToVisualAttention(nn.Module):
     attention; the residual keeps the expert's convolution output (Eq. 1) as the
     base that the text enhances, so Eq. 4 mixes text-*enhanced* visual features.
 
-    Shapes: ``v [B, C, H, W]``, ``t [B, L, C]`` -> ``[B, C, H, W]``.
+    Shapes: ``v [B, C, H, W]``, ``t [B, L, C]``, ``keep [B, L]`` bool (the real, not
+    padding, tokens; None: all) -> ``[B, C, H, W]``. Padding tokens take no attention, as
+    in standard cross-attention: the text expert maps every pad to the same non-zero token.
     """
 
     def __init__(self, channels: int, head_dim: int = HEAD_DIM) -> None:
@@ -262,13 +264,14 @@ class TextToVisualAttention(nn.Module):
         self.proj = nn.Linear(channels, channels)
         self.scale = nn.Parameter(torch.tensor(ATTN_SCALE_INIT))
 
-    def forward(self, v: Tensor, t: Tensor) -> Tensor:
+    def forward(self, v: Tensor, t: Tensor, keep: Tensor | None = None) -> Tensor:
         b, c, h, w = v.shape
         heads, length = self.num_heads, t.shape[1]
         tokens = v.flatten(2).transpose(1, 2)  # [B, HW, C]
         q = self.q(self.norm(tokens)).view(b, h * w, heads, c // heads).transpose(1, 2)
         k, val = self.kv(t).view(b, length, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, val)  # [B, heads, HW, C / heads]
+        mask = None if keep is None else keep[:, None, None, :]  # [B, 1, 1, L], True = attend
+        out = F.scaled_dot_product_attention(q, k, val, attn_mask=mask)  # [B, heads, HW, C / heads]
         out = self.proj(out.transpose(1, 2).reshape(b, h * w, c))
         return v + self.scale * out.transpose(1, 2).reshape(b, c, h, w)
 
@@ -341,12 +344,12 @@ class TMoELayer(_MoELayerBase):
             if text_dim else None
         )
 
-    def forward(self, x: Tensor, text: Tensor | None, indicator: Tensor | None):
+    def forward(self, x: Tensor, text: Tensor | None, indicator: Tensor | None, keep: Tensor | None = None):
         e1, e2 = self.experts(x).chunk(2, dim=1)
         gates = self.gate_weights(x, indicator)
         if self.text_expert is not None:
             text = self.text_expert(text)
-            enhanced = (self.attention[0](e1, text), self.attention[1](e2, text))
+            enhanced = (self.attention[0](e1, text, keep), self.attention[1](e2, text, keep))
         else:
             enhanced = (e1, e2)
         w = gates[:, :, None, None, None]
@@ -382,14 +385,17 @@ class PlainMoELayer(_MoELayerBase):
         super().__init__(in_channels, out_channels, text_dim, num_domains, indicator,
                          num_gates=3 if text_dim else 2)
 
-    def forward(self, x: Tensor, text: Tensor | None, indicator: Tensor | None):
+    def forward(self, x: Tensor, text: Tensor | None, indicator: Tensor | None, keep: Tensor | None = None):
         e1, e2 = self.experts(x).chunk(2, dim=1)
         gates = self.gate_weights(x, indicator)
         w = gates[:, :, None, None]
         y = w[:, 0:1] * e1 + w[:, 1:2] * e2
         if self.text_expert is not None:
             text = self.text_expert(text)
-            y = y + w[:, 2:3] * text.mean(dim=1)[:, :, None, None]
+            # mean over the real tokens (keep [B, L]); padding would pull every text to one vector
+            k = torch.ones(text.shape[:2], dtype=text.dtype, device=text.device) if keep is None else keep.to(text.dtype)
+            pooled = (text * k[..., None]).sum(1) / k.sum(1, keepdim=True).clamp_min(1)
+            y = y + w[:, 2:3] * pooled[:, :, None, None]
         return y, text, {"experts": (e1, e2), "enhanced": (e1, e2), "gates": gates}
 
 
@@ -404,11 +410,11 @@ class _UpBlock(nn.Module):
             layer_cls(out, out, out if text_dim else None, num_domains, indicator),
         ])
 
-    def forward(self, x, skip, text, indicator, aux: list | None):
+    def forward(self, x, skip, text, indicator, aux: list | None, keep: Tensor | None = None):
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
         x = torch.cat([skip, x], dim=1)
         for layer in self.layers:
-            x, text, layer_aux = layer(x, text, indicator)
+            x, text, layer_aux = layer(x, text, indicator, keep)
             if aux is not None:
                 aux.append(layer_aux)
         return x, text
@@ -449,10 +455,11 @@ class MoEDecoder(nn.Module):
         )
 
     def forward(self, features: list[Tensor], text: Tensor | None, indicator: Tensor | None,
-                aux: list | None = None) -> Tensor:
+                aux: list | None = None, keep: Tensor | None = None) -> Tensor:
+        """``keep [B, L]`` bool: the text's real tokens (see :func:`real_tokens`)."""
         x = features[3]
         for block, skip in zip(self.blocks, (features[2], features[1], features[0])):
-            x, text = block(x, skip, text, indicator, aux)
+            x, text = block(x, skip, text, indicator, aux, keep)
         return self.head(x)
 
 
@@ -617,12 +624,21 @@ class TextMoENet(nn.Module):
         indicator = (self.domain_indicator(domain, images.shape[0], features[0])
                      if self.use_indicator else None)
         layers: list | None = [] if return_aux else None
-        logits = self.decoder(features, text if self.use_text else None, indicator, layers)
+        text = text if self.use_text else None
+        logits = self.decoder(features, text, indicator, layers, None if text is None else real_tokens(text))
         logits = logits.contiguous()
         if not return_aux:
             return logits
         aux = {key: [layer[key] for layer in layers] for key in ("experts", "enhanced", "gates")}
         return logits, aux
+
+
+def real_tokens(text: Tensor) -> Tensor:
+    """``[B, L]`` bool: the tokens of ``text [B, L, D]`` that are not padding. The text
+    encoders pad with zero vectors; a text of padding only keeps every token (attending
+    to nothing is undefined)."""
+    keep = text.ne(0).any(-1)
+    return keep | ~keep.any(1, keepdim=True)
 
 
 def _checkpoint_path(encoder: str | None) -> Path | None:

@@ -111,7 +111,10 @@ def load_pretrained(folder: Path, map_location: str | torch.device = "cpu") -> t
         raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: the pre-trained model of this run is "
                                 "incomplete; start the run again with --vlm")
     cfg = read_config(folder / "config.yaml")
-    module = pretrain_class(cfg.pretrain)(cfg.to_dict())
+    # The random initialisation that the weights replace must not move the global generator:
+    # a method that loads a VLM then draws the same data order and noise as one that does not.
+    with torch.random.fork_rng(devices=[]):
+        module = pretrain_class(cfg.pretrain)(cfg.to_dict())
     state = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=False)["state_dict"]
     module.load_state_dict(state)
     module.to(map_location).eval().requires_grad_(False)

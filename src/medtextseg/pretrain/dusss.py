@@ -347,6 +347,10 @@ class DuSSSPretrain(PretrainModule):
             raise ValueError("contrastive pre-training needs data.batch_size >= 2 (the batch holds the negatives)")
         if v.monitor not in MONITORS:
             raise ValueError(f"vlm.monitor must be one of {', '.join(MONITORS)}, got {v.monitor!r}")
+        if v.sss and v.sss_warmup_epochs > cfg.train.patience:
+            raise ValueError(f"vlm.sss_warmup_epochs ({v.sss_warmup_epochs}) > train.patience ({cfg.train.patience}): "
+                             "early stopping would end the run before an epoch with SSS can be selected; raise "
+                             "train.patience or lower the warm-up")
 
     @classmethod
     def monitor_for(cls, cfg: Config) -> str:
@@ -410,7 +414,10 @@ class DuSSSPretrain(PretrainModule):
             txt2, tmu2, tls2 = m.encode_text(batch["ids2"], batch["attn2"])
             w_ii = self._sss(out.img_emb, out.img_mu, out.img_logsigma, img2, mu2, ls2)
             w_tt = self._sss(out.txt_emb, out.txt_mu, out.txt_logsigma, txt2, tmu2, tls2)
-            terms["imc"] = 0.5 * (info_nce(out.img_emb, img2, w_ii, tau)
+            # Copies of one image (vlm.mask_share repeats the labeled ones) are positives of each other.
+            rows = {name: i for i, name in enumerate(dict.fromkeys(batch["id"]))}
+            same_image = same_text_positives(torch.tensor([rows[name] for name in batch["id"]], device=out.img_emb.device))
+            terms["imc"] = 0.5 * (info_nce(out.img_emb, img2, w_ii, tau, positives=same_image)
                                   + info_nce(out.txt_emb, txt2, w_tt, tau, positives=same))
             total = total + v.imc_weight * terms["imc"]
         has = batch["has_mask"].bool()
@@ -485,8 +492,9 @@ class DuSSSPretrain(PretrainModule):
             c = 1 if self.cfg.data.num_classes == 1 else self.cfg.data.num_classes - 1
             totals = self.all_gather(totals if totals is not None else torch.zeros((2, 2, c), device=self.device))
             totals = totals.sum(0)
+        values = {}
         if totals is not None and bool(totals[0, 1].sum() > 0):
-            self.log("val/text_dice", mean_of_scored(totals[0]), prog_bar=True)
+            values["val/text_dice"] = mean_of_scored(totals[0])
         img, txt, groups = (torch.cat(x) for x in zip(*self._val, strict=True))
         self._val = []
         if self.trainer.world_size > 1:
@@ -494,8 +502,16 @@ class DuSSSPretrain(PretrainModule):
             # distributed sampler pads them to one length by repeating a few images).
             img, txt, groups = (self.all_gather(x).flatten(0, 1) for x in (img, txt, groups))
         r = self._retrieval(img, txt, groups)
-        for key in ("r1", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
-            self.log(f"val/{key}", r[key], prog_bar=key == "r1")
+        values.update({f"val/{key}": r[key] for key in ("r1", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")})
+        selected = self.monitor_for(self.cfg)
+        if self.cfg.vlm.sss and not self.sss_active() and selected in values:
+            # Only epochs trained with SSS may be selected (best.ckpt) or count as progress for
+            # early stopping: the warm-up epochs log the monitored figure as -1, its value
+            # under <key>_warmup.
+            values[f"{selected}_warmup"] = values[selected]
+            values[selected] = -1.0
+        for key, value in values.items():
+            self.log(key, value, prog_bar=key in ("val/r1", "val/text_dice"))
 
     @torch.inference_mode()
     def evaluate_split(self, samples: Sequence[Sample]) -> dict:
