@@ -143,6 +143,17 @@ def test_resume_continues_from_last_checkpoint(data, tmp_path):
     assert epochs == {"0", "1", "2"}  # the interrupted attempt's logs are kept
 
 
+def test_a_killed_and_resumed_run_ends_as_the_uninterrupted_one(data, tmp_path):
+    """Augmentation and data order continue where they stopped: the checkpoint holds the
+    global generators and the augmentation streams, so resuming changes no figure."""
+    cfg = load_preset("lvit-tw", "smoke", ["data.augment=rotate", "train.max_epochs=3", "train.patience=10"])
+    whole = train(cfg, data, tmp_path / "whole", progress=False)
+    with pytest.raises(Killed):
+        train(cfg, data, tmp_path / "cut", progress=False, extra_callbacks=[Kill(2)])
+    resumed = train(cfg, data, tmp_path / "cut", resume=True, progress=False)
+    assert resumed["Val"] == whole["Val"] and resumed["Test"] == whole["Test"]
+
+
 def test_same_seed_same_metrics(data, tmp_path):
     cfg = load_preset("lvit-t", "smoke", ["data.augment=rotate", "train.max_epochs=1"])
     a = train(cfg, data, tmp_path / "a", progress=False)

@@ -32,12 +32,14 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -65,7 +67,12 @@ from medtextseg.data.validation import check_split_names, dataset_notes, validat
 from medtextseg.methods import SegMethod, method_class
 from medtextseg.metrics import binarize, dice_iou_per_class, dice_iou_per_image
 from medtextseg.text.encoders import build_text_encoder
-from medtextseg.utils import atomic_write_bytes, atomic_write_json
+from medtextseg.utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    numpy_rng_state,
+    set_numpy_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +391,28 @@ def _labeled_split(cfg: Config, out: Path, all_samples: list[Sample], *,
     return split, apply_split(all_samples, split)
 
 
+class RandomState(L.Callback):
+    """The global random generators (Python, NumPy, torch, CUDA) in every checkpoint, restored
+    on resume: with the datamodule's augmentation streams
+    (:class:`~medtextseg.data.module.TransformStateMixin`) a killed run continues with the
+    data order, augmentations and noise the uninterrupted run would have drawn."""
+
+    def state_dict(self) -> dict:
+        state = {"python": random.getstate(), "numpy": numpy_rng_state(np.random), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        # Lightning restores callbacks before it builds the first train iterator (which draws
+        # the sampler's seed), as the uninterrupted run drew it after this checkpoint.
+        random.setstate(state["python"])
+        set_numpy_rng_state(np.random, state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _run_callbacks(cfg: Config, out: Path, monitor: str, extra: list | None) -> tuple[list, EarlyStopping]:
     """best.ckpt on ``monitor`` (higher is better), last.ckpt every epoch, early stopping,
     the optional weight average, then ``extra``."""
@@ -400,6 +429,7 @@ def _run_callbacks(cfg: Config, out: Path, monitor: str, extra: list | None) -> 
         ModelCheckpoint(dirpath=ckpt_dir, filename=LAST, monitor=None, save_top_k=1, every_n_epochs=1,
                         enable_version_counter=False, save_on_train_epoch_end=True),
         early,
+        RandomState(),
         *weight_averaging(cfg),
         *(extra or []),
     ]

@@ -63,3 +63,23 @@ def keep_freed_memory() -> bool:
     except OSError:
         return False
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def numpy_rng_state(rng) -> dict:
+    """The state of a NumPy ``RandomState`` (``rng``, or the global one for the module
+    ``numpy.random``) as plain tensors and numbers, which a checkpoint loaded with
+    ``torch.load(weights_only=True)`` (Lightning's default) may hold."""
+    import numpy as np
+    import torch
+
+    name, keys, pos, has_gauss, gauss = rng.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def set_numpy_rng_state(rng, state: dict) -> None:
+    """Inverse of :func:`numpy_rng_state`."""
+    import numpy as np
+
+    rng.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                   state["gauss"]))

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from medtextseg.config import DataConfig
 from medtextseg.data.io import read_image, read_mask
 from medtextseg.data.sample import Sample
+from medtextseg.utils import numpy_rng_state, set_numpy_rng_state
 
 AUGMENTATIONS = ("none", "rotate", "lvit", "resize_crop", "rotate_elastic")
 
@@ -373,7 +374,52 @@ def make_loader(dataset: SegDataset, batch_size: int, *, shuffle: bool, num_work
                       persistent_workers=num_workers > 0)
 
 
-class SegDataModule(L.LightningDataModule):
+def _randomizables(transform) -> list:
+    """Every MONAI ``Randomizable`` reachable from ``transform``, in a fixed order: a
+    ``Compose``'s children and the helpers a transform keeps as attributes (``RandRotated``
+    draws through its own ``RandRotate``)."""
+    from monai.transforms import Randomizable
+
+    out, seen, todo = [], set(), [transform]
+    while todo:
+        t = todo.pop(0)
+        if id(t) in seen or t is None or isinstance(t, (str, bytes, int, float, np.ndarray, torch.Tensor)):
+            continue
+        seen.add(id(t))
+        if isinstance(t, Randomizable):
+            out.append(t)
+        if isinstance(t, (list, tuple)):
+            todo.extend(t)
+        elif hasattr(t, "__dict__") and t.__class__.__module__.startswith(("monai", "medtextseg")):
+            todo.extend(v for k, v in vars(t).items() if k != "R")
+    return out
+
+
+class TransformStateMixin:
+    """A LightningDataModule whose ``datasets`` carry augmentation ``transform`` s: their
+    random streams go into the checkpoint (Lightning saves a datamodule's ``state_dict``)
+    and come back on resume, so a resumed run draws the augmentations the uninterrupted
+    one would have. With ``data.num_workers`` > 0 the workers hold their own streams
+    (seeded from torch's generator when they start); only the main-process ones are kept."""
+
+    datasets: dict
+
+    def state_dict(self) -> dict:
+        return {"transforms": {name: [numpy_rng_state(t.R) for t in _randomizables(ds.transform)]
+                               for name, ds in self.datasets.items() if getattr(ds, "transform", None) is not None}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, states in state.get("transforms", {}).items():
+            ds = self.datasets.get(name)
+            if ds is None or getattr(ds, "transform", None) is None:
+                continue
+            parts = _randomizables(ds.transform)
+            if len(parts) == len(states):  # a config change would make them another experiment anyway
+                for t, st in zip(parts, states, strict=True):
+                    set_numpy_rng_state(t.R, st)
+
+
+class SegDataModule(TransformStateMixin, L.LightningDataModule):
     """Train (labeled), Unlabeled, Val and Test data over validated samples.
 
     Args:

@@ -83,6 +83,7 @@ from torch.utils.data import Dataset
 from medtextseg.config import Config
 from medtextseg.data.io import read_mask
 from medtextseg.data.module import (
+    TransformStateMixin,
     eval_batch_size,
     load_arrays,
     make_loader,
@@ -257,7 +258,7 @@ def check_mask_share(share: float) -> None:
         raise ValueError(f"vlm.mask_share must be in [0, 1), got {share}")
 
 
-class PairDataModule(L.LightningDataModule):
+class PairDataModule(TransformStateMixin, L.LightningDataModule):
     """Every Train image (labeled and unlabeled) for training, the Val images for selection;
     with ``vlm.mask_share`` the labeled ones repeated (:func:`mask_repeats`).
 
