@@ -132,11 +132,9 @@ class PromptSSL(MeanTeacher):
     def check_pretrained_texts(cls, pretrained: Config, samples) -> None:
         """Every text must be one the VLM's class prompts read (``vlm.prompts=spine``: the
         MRSpineSeg grammar), or set-up would fail after the run directory exists."""
-        from medtextseg.classes import class_names
         from medtextseg.text.prompts import ClassPrompts, check_prompt_texts
 
-        d = pretrained.data
-        check_prompt_texts(ClassPrompts(class_names(d.num_classes, d.classes), pretrained.vlm.prompts), samples)
+        check_prompt_texts(ClassPrompts.of(pretrained), samples)
 
     # -- set-up: the frozen VLM and the per-image tables, once per fit -----------------------
     def setup(self, stage: str) -> None:

@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medtextseg.classes import class_names
 from medtextseg.config import Config
 from medtextseg.data.sample import Sample
 from medtextseg.losses import DiceCE
@@ -157,7 +156,7 @@ class GLscPretrain(DuSSSPretrain):
     def __init__(self, config: dict):
         super().__init__(config)  # the VLM, the Val buffers
         cfg = self.cfg
-        self.prompts = ClassPrompts(class_names(cfg.data.num_classes, cfg.data.classes), cfg.vlm.prompts)
+        self.prompts = ClassPrompts.of(cfg)
         # Prompts are a few words: a short token length, not the descriptions' vlm.max_len.
         ids, attn = self.vlm.tokenize(self.prompts.texts, min(PROMPT_MAX_LEN, cfg.vlm.max_len))
         # Fixed token rows of every prompt, moved with the module (not saved: rebuilt from the config).
@@ -183,8 +182,7 @@ class GLscPretrain(DuSSSPretrain):
     @classmethod
     def check_samples(cls, cfg: Config, samples: Sequence[Sample]) -> None:
         super().check_samples(cfg, samples)
-        check_prompt_texts(ClassPrompts(class_names(cfg.data.num_classes, cfg.data.classes), cfg.vlm.prompts),
-                           samples)
+        check_prompt_texts(ClassPrompts.of(cfg), samples)
 
     def text_extras(self, texts: list[str]) -> dict[str, Tensor]:
         return {"prompts": self.prompts.rows(texts), "absent": self.prompts.absent(texts)}

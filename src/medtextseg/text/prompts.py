@@ -73,6 +73,13 @@ class ClassPrompts:
                 self._index[(c, state)] = len(self.texts)
                 self.texts.append(f"{self.class_names[c]} {state}")
 
+    @classmethod
+    def of(cls, cfg) -> ClassPrompts:
+        """The prompts of a (pre-training) config: its ``data`` classes, its ``vlm.prompts`` style."""
+        from medtextseg.classes import class_names
+
+        return cls(class_names(cfg.data.num_classes, cfg.data.classes), cfg.vlm.prompts)
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
