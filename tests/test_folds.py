@@ -151,6 +151,17 @@ def test_manifests_never_overwrite_other_folds(cxr, tmp_path):
     assert [p.read_text() for p in first] == before  # nothing was touched
 
 
+def test_another_spelling_of_the_same_dataset_keeps_its_folds(cxr, tmp_path):
+    first = write_fold_manifests(cxr, 2, 0, tmp_path / "folds")
+    before = [p.read_text() for p in first]
+    detour = cxr.parent / ".." / cxr.parent.name / cxr.name  # same folder, other bytes in every path
+    assert str(detour) != str(cxr) and detour.resolve() == cxr.resolve()
+    assert write_fold_manifests(detour, 2, 0, tmp_path / "folds") == first
+    assert [p.read_text() for p in first] == before  # kept as first written
+    with pytest.raises(FileExistsError, match="fold_0.csv"):
+        write_fold_manifests(detour, 2, 1, tmp_path / "folds")  # other folds are still refused
+
+
 def test_manifest_keeps_unlabeled_in_train(tmp_path):
     data = tmp_path / "d"
     data.mkdir()

@@ -136,6 +136,25 @@ def _manifest(rows: list[tuple[Sample, str]]) -> str:
     return buf.getvalue()
 
 
+def _canonical(path: Path, text: str) -> object:
+    """What a fold file means, whatever spelling of the dataset's path wrote it.
+
+    The same dataset reached as ``../shared/data/X`` and ``/work/shared/data/X``
+    writes different bytes but the same folds: paths are compared resolved
+    (``..`` and symlinks followed), everything else as written. Only for
+    comparing; the files keep the paths as given, so ids read back from a
+    manifest are the original file names even where those are symlinks.
+    """
+    def same_file(p: str) -> str:
+        return str(Path(p).resolve()) if p else p
+
+    if path.name == FOLDS_FILE:
+        record = json.loads(text)
+        return {**record, "data": same_file(record.get("data", ""))}
+    rows = list(csv.reader(io.StringIO(text)))
+    return [rows[0]] + [[same_file(r[0]), same_file(r[1]), *r[2:]] for r in rows[1:]]
+
+
 def write_fold_manifests(data: str | os.PathLike, k: int, seed: int, out: str | os.PathLike,
                          test: str = "test") -> list[Path]:
     """Validate ``data``, cut it with :func:`kfold` and write one CSV manifest per fold.
@@ -155,7 +174,8 @@ def write_fold_manifests(data: str | os.PathLike, k: int, seed: int, out: str | 
     ``<domain>/<original split>/<id>``.
 
     Files are written atomically. An existing file with the same content is
-    kept; one with different content (another dataset, ``k``, seed or
+    kept, also where another spelling of the same path wrote it (``..``,
+    symlinks: paths are compared resolved); one with different content (another dataset, ``k``, seed or
     ``test``) raises :class:`FileExistsError` naming it, before anything is
     written, so runs trained on old folds are never silently mixed with new ones.
 
@@ -192,7 +212,7 @@ def write_fold_manifests(data: str | os.PathLike, k: int, seed: int, out: str | 
               "folds": [{"val": [_name(s) for s in val], "train": [_name(s) for s in train]} for train, val in folds]}
     files[out / FOLDS_FILE] = json.dumps(record, indent=2) + "\n"
     for path, text in files.items():
-        if path.exists() and path.read_text(encoding="utf-8") != text:
+        if path.exists() and _canonical(path, path.read_text(encoding="utf-8")) != _canonical(path, text):
             raise FileExistsError(f"{path} exists and holds other folds (dataset, k, seed or test differ from "
                                   f"{data}, k={k}, seed={seed}, test={test}); use another folder or delete "
                                   f"{out} (and the runs trained on its folds)")
