@@ -32,6 +32,7 @@ from medtextseg.data.synthetic.qata_grammar import (
     add_annotation_noise,
     all_layouts,
     describe,
+    level_band,
     parse_description,
     sample_layout,
 )
@@ -255,3 +256,14 @@ def test_interrupted_write_leaves_nothing(tmp_path) -> None:
         writer.add("Train", "a.png", img, img, "Unilateral pulmonary infection, ...")
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_level_band_is_open_at_the_lungs_ends_and_moves_by_the_margin():
+    bounds = [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)]  # upper, middle, lower
+    assert LEVELS == ("upper", "middle", "lower")
+    assert level_band(bounds, ("middle",), 0.25) == (0.75, 2.25)
+    assert level_band(bounds, ("middle",), -0.25) == (1.25, 1.75)  # a distractor keeps clear of it
+    assert level_band(bounds, ("upper", "middle"), 0.25) == (-np.inf, 2.25)
+    assert level_band(bounds, ("lower",), -0.25) == (2.25, np.inf)
+    layout = parse_description("Unilateral pulmonary infection, one infected area, upper left lung.")
+    assert layout.clean_zones() == [z for z in ZONES if z != ("left", "upper")]

@@ -47,6 +47,7 @@ from medtextseg.data.synthetic.qata_grammar import (
     ZONES,
     Layout,
     describe,
+    level_band,
     sample_layout,
 )
 
@@ -399,11 +400,7 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def _zone_window(lung: _Lung, levels: tuple[str, ...], v: np.ndarray, margin: float) -> np.ndarray:
     """Boolean ``(S, S)``: canonical v within the named levels' band +- margin."""
-    bounds = lung.zone_bounds()
-    lo = bounds[LEVELS.index(levels[0])][0]
-    hi = bounds[LEVELS.index(levels[-1])][1]
-    lo = -np.inf if levels[0] == LEVELS[0] else lo - margin
-    hi = np.inf if levels[-1] == LEVELS[-1] else hi + margin
+    lo, hi = level_band(lung.zone_bounds(), levels, margin)
     return (v >= lo) & (v <= hi)
 
 
@@ -640,8 +637,7 @@ def render_chest_xray(
     dens += lesion * lung_soft
 
     # ---- distractors in zones the text calls clean
-    named = layout.zones()
-    clean = [z for z in ZONES if z not in named]
+    clean = layout.clean_zones()
     n_distractors = int(rng.poisson(cfg.distractor_rate)) if clean else 0
     for _ in range(n_distractors):
         name, level = clean[int(rng.integers(len(clean)))]

@@ -77,6 +77,7 @@ from medtextseg.data.synthetic.qata_grammar import (
     ZONES,
     Layout,
     describe,
+    level_band,
     sample_layout,
 )
 
@@ -692,11 +693,7 @@ def _zone_window(
 ) -> np.ndarray:
     """``(S, 1)`` bool: rows within the named levels' band +- ``margin`` (open towards
     the lung's front or back edge when the band reaches it)."""
-    bounds = geom.bounds(s)
-    lo = bounds[LEVELS.index(levels[0])][0]
-    hi = bounds[LEVELS.index(levels[-1])][1]
-    lo = -np.inf if levels[0] == LEVELS[0] else lo - margin
-    hi = np.inf if levels[-1] == LEVELS[-1] else hi + margin
+    lo, hi = level_band(geom.bounds(s), levels, margin)
     col = v[:, :1]
     return (col >= lo) & (col <= hi)
 
@@ -918,8 +915,7 @@ def render_lung_ct(
     hu += air_bg * (HU_AIR + 80.0 - hu)
 
     # ---- distractors in zones the text calls clean
-    named = layout.zones()
-    clean = [z for z in ZONES if z not in named]
+    clean = layout.clean_zones()
     n_distractors = int(rng.poisson(cfg.distractor_rate)) if clean else 0
     for _ in range(n_distractors):
         name, level = clean[int(rng.integers(len(clean)))]

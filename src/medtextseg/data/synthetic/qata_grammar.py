@@ -256,6 +256,23 @@ class Layout:
         """The named zones as ``(lung, level)`` pairs."""
         return frozenset((lung, lv) for lung, f in self.findings().items() for lv in f.levels)
 
+    def clean_zones(self) -> list[tuple[str, str]]:
+        """The zones the text calls clean (where a renderer may put distractors), in
+        :data:`ZONES` order, so a seeded choice among them is the same in every renderer."""
+        named = self.zones()
+        return [z for z in ZONES if z not in named]
+
+
+def level_band(bounds: Sequence[tuple[float, float]], levels: Sequence[str], margin: float) -> tuple[float, float]:
+    """``(lo, hi)`` of the band that covers ``levels`` (a contiguous run of :data:`LEVELS`),
+    given each level's ``(top, bottom)`` in ``bounds``, widened by ``margin`` (narrowed
+    where negative) and open (±inf) where it reaches the lung's first or last level, so a
+    lesion named there may fill the lung's edge. The renderers' shared rule for where a
+    named finding may lie (``margin > 0``) and a distractor may not (``margin < 0``)."""
+    lo = -np.inf if levels[0] == LEVELS[0] else bounds[LEVELS.index(levels[0])][0] - margin
+    hi = np.inf if levels[-1] == LEVELS[-1] else bounds[LEVELS.index(levels[-1])][1] + margin
+    return lo, hi
+
 
 def side_phrase(lung: str, finding: LungFinding) -> str:
     """``("left", middle+lower)`` -> ``"middle lower left lung"``."""
