@@ -234,6 +234,28 @@ def test_ctrl_c_at_start_up_is_one_line_and_leaves_nothing(data, tmp_path):
     assert not run.exists() or not any(run.iterdir())
 
 
+@pytest.mark.parametrize("shown", [False, True])
+def test_ctrl_c_inside_typer_itself_still_says_so_once(monkeypatch, capsys, shown):
+    """Typer ends an interrupt in its own code (parsing, between callbacks) with a silent exit
+    130 (the subprocess test above lands there only by timing); the entry point then names
+    it, and says nothing more where a command already did."""
+    from medtextseg import cli
+
+    def typer_app():
+        if shown:  # a command's own report; Typer turns its Exit into sys.exit
+            sys.exit(cli._interrupted("stopped by the user; nothing half-written was left").exit_code)
+        sys.exit(INTERRUPTED_EXIT)
+
+    monkeypatch.setattr(cli, "_INTERRUPT_SHOWN", type(cli._INTERRUPT_SHOWN)())
+    monkeypatch.setattr(cli, "app", typer_app)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == INTERRUPTED_EXIT
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["interrupted: " + ("stopped by the user; nothing half-written was left" if shown
+                                        else "stopped before the command started")]
+
+
 @pytest.mark.slow
 def test_sigterm_mid_epoch_is_one_line_and_resumable_and_console_is_quiet(data, tmp_path):
     run = tmp_path / "run"

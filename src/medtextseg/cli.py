@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -27,6 +28,9 @@ err_console = Console(stderr=True)
 
 USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for Ctrl-C
+# Whether this process has said it was interrupted: Typer turns a Ctrl-C that lands in its
+# own code (parsing, the app callback, which imports Lightning) into a silent exit 130.
+_INTERRUPT_SHOWN = threading.Event()
 # The libraries whose banners, tips and notes the default console hides (--verbose shows them).
 _QUIET_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "transformers",
                   "torch", "monai", "matplotlib", "PIL")
@@ -46,6 +50,7 @@ def _user_errors():
 
 
 def _interrupted(message: str = "stopped before the command started") -> typer.Exit:
+    _INTERRUPT_SHOWN.set()
     err_console.print(f"[bold yellow]interrupted:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(INTERRUPTED_EXIT)
 
@@ -142,6 +147,10 @@ def main() -> None:
         app()
     except KeyboardInterrupt:  # between commands' own handling, e.g. while parsing
         raise SystemExit(_interrupted().exit_code) from None
+    except SystemExit as e:
+        if e.code == INTERRUPTED_EXIT and not _INTERRUPT_SHOWN.is_set():
+            _interrupted()
+        raise
 
 
 def _overrides(set_: list[str] | None, extra: list[str]) -> list[str]:
@@ -318,6 +327,19 @@ def _run_config(ctx: typer.Context, preset: str | None, data: list[str] | None, 
     return cfg, out
 
 
+# The options that `train` and `pretrain` share: one declaration, one help text.
+TierOpt = Annotated[str, typer.Option(help="smoke (seconds) | cpu (minutes on 2 cores) | paper (the paper's setting).")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint (only "
+                                         "devices and train.max_epochs may change).")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing run directory.")]
+DevicesOpt = Annotated[str | None, typer.Option(help="Lightning devices: a count (1, 2), ids (0,1), -1 for all, or auto.")]
+AcceleratorOpt = Annotated[str | None, typer.Option(help="cpu | gpu | auto.")]
+StrategyOpt = Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp.")]
+NumNodesOpt = Annotated[int | None, typer.Option(help="Number of nodes for DDP.")]
+PrecisionOpt = Annotated[str | None, typer.Option(help="32-true | bf16-mixed | 16-mixed.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed (default: the preset's).")]
+
+
 @app.command(context_settings={"allow_extra_args": True})
 @friendly
 def train(
@@ -328,20 +350,19 @@ def train(
                                                    "(with --resume: default the run's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory to create (default: "
                                              "runs/<preset>-<tier>\\[-r<ratio>]-s<seed>).")] = None,
-    tier: Annotated[str, typer.Option(help="smoke (seconds) | cpu (minutes on 2 cores) | paper (the paper's setting).")] = "cpu",
+    tier: TierOpt = "cpu",
     labeled_ratio: Annotated[float | None, typer.Option(help="Keep the masks of this fraction of the Train images (seeded split, written to split.json).")] = None,
     labeled_ids: Annotated[Path | None, typer.Option(help="Keep the masks of these Train ids only: a split.json of another run or a text file, one id per line.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override config keys: --set optim.lr=3e-4 train.max_epochs=5 "
                                                    "(several pairs after one flag, or the flag repeated).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint (only "
-                                         "devices and train.max_epochs may change).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
-    devices: Annotated[str | None, typer.Option(help="Lightning devices: a count (1, 2), ids (0,1), -1 for all, or auto.")] = None,
-    accelerator: Annotated[str | None, typer.Option(help="cpu | gpu | auto.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp.")] = None,
-    num_nodes: Annotated[int | None, typer.Option(help="Number of nodes for DDP.")] = None,
-    precision: Annotated[str | None, typer.Option(help="32-true | bf16-mixed | 16-mixed.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default: the preset's).")] = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    devices: DevicesOpt = None,
+    accelerator: AcceleratorOpt = None,
+    strategy: StrategyOpt = None,
+    num_nodes: NumNodesOpt = None,
+    precision: PrecisionOpt = None,
+    seed: SeedOpt = None,
     vlm: Annotated[Path | None, typer.Option(help="Pre-trained vision-language run (`medtextseg pretrain`) for "
                                              "methods that use one (dusss); copied into the run.")] = None,
 ):
@@ -368,22 +389,21 @@ def pretrain(
                                                    "optional; repeat it (or NAME=PATH) for a composite dataset "
                                                    "(with --resume: default the run's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory to create (default: runs/<preset>-<tier>-s<seed>).")] = None,
-    tier: Annotated[str, typer.Option(help="smoke (seconds) | cpu (minutes on 2 cores) | paper (the paper's setting).")] = "cpu",
+    tier: TierOpt = "cpu",
     labeled_ratio: Annotated[float | None, typer.Option(help="Masks the VLM may learn from (vlm.mask_supervision): those "
                                                         "of this fraction of the Train images, the split the "
                                                         "segmentation runs of the same seed use.")] = None,
     labeled_ids: Annotated[Path | None, typer.Option(help="Or the masks of these Train ids only (a split.json or one id per line).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override config keys: --set vlm.imc=false optim.lr=1e-4 "
                                                    "(several pairs after one flag, or the flag repeated).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint (only "
-                                         "devices and train.max_epochs may change).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
-    devices: Annotated[str | None, typer.Option(help="Lightning devices: a count (1, 2), ids (0,1), -1 for all, or auto.")] = None,
-    accelerator: Annotated[str | None, typer.Option(help="cpu | gpu | auto.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp.")] = None,
-    num_nodes: Annotated[int | None, typer.Option(help="Number of nodes for DDP.")] = None,
-    precision: Annotated[str | None, typer.Option(help="32-true | bf16-mixed | 16-mixed.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default: the preset's).")] = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    devices: DevicesOpt = None,
+    accelerator: AcceleratorOpt = None,
+    strategy: StrategyOpt = None,
+    num_nodes: NumNodesOpt = None,
+    precision: PrecisionOpt = None,
+    seed: SeedOpt = None,
 ):
     """Pre-train a vision-language model on image+text pairs; then score retrieval and the text mask on Val and Test."""
     from medtextseg.engine import pretrain as run_pretrain
