@@ -224,3 +224,9 @@ def test_text_mask_off_is_plain_mean_teacher(data, tmp_path):
     assert not (tmp_path / "off" / "vlm").exists()
     for split in ("Val", "Test"):
         assert off[split]["dice"] == mt[split]["dice"] and off[split]["iou"] == mt[split]["iou"]
+    # A smoke net's Dice can sit still while its weights move: the weights and losses say more.
+    a = torch.load(tmp_path / "mt" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "off" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[(r["epoch"], r["val/loss"]) for r in _rows(tmp_path / run) if r.get("val/loss")] for run in ("mt", "off")]
+    assert losses[0] and losses[0] == losses[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,33 @@ def test_local_loss_with_equal_variances_is_plain_patch_text_infonce():
     # Two images: each patch has one mismatched text, so every variance is 0 (equal).
     patches, txt = torch.randn(2, 5, 8), torch.randn(2, 8)
     torch.testing.assert_close(local_semantic_loss(patches, txt, 0.1), _plain_patch_nce(patches, txt, 0.1))
+
+
+def _local_loss_by_hand(patches, txt, tau, max_weight):
+    """Eq. 1-2 with our documented choices, one patch at a time: sigma^2 = the population
+    variance of its cosines to the mismatched texts, w = mean(sigma^2) / sigma^2 clipped."""
+    b, k = patches.shape[:2]
+    cos = [[[F.cosine_similarity(patches[i, q], txt[j], dim=0).item() for j in range(b)] for q in range(k)]
+           for i in range(b)]
+    var = [[float(np.var([cos[i][q][j] for j in range(b) if j != i])) for q in range(k)] for i in range(b)]
+    mean_var = float(np.mean(var))
+    total = 0.0
+    for i in range(b):
+        for q in range(k):
+            w = min(max(mean_var / var[i][q], 1 / max_weight), max_weight)
+            logits = np.array(cos[i][q]) * w / tau
+            top = logits.max()  # a stable log-sum-exp: w * cos / tau reaches 1000 here
+            total += -(logits[i] - top - np.log(np.exp(logits - top).sum()))
+    return total / (b * k)
+
+
+@pytest.mark.parametrize("max_weight", [100.0, 2.0])
+def test_local_loss_matches_eq_1_2_computed_by_hand(max_weight):
+    torch.manual_seed(4)
+    patches, txt = torch.randn(3, 2, 6), torch.randn(3, 6)
+    expected = _local_loss_by_hand(patches, txt, 0.1, max_weight)
+    got = local_semantic_loss(patches, txt, 0.1, max_weight=max_weight)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_local_loss_sharpens_the_patches_whose_mismatched_similarities_vary_less():
@@ -77,6 +105,17 @@ def test_merged_prompt_label_multiplies_the_teacher_and_prompt_probabilities():
     merged = merged_prompt_label(teacher, prompt, eps=1e-4).flatten()
     # 1/4 * 3/4 : 3/4 * 1/4 = 1 : 1
     torch.testing.assert_close(merged, torch.tensor([0.5, 0.5]))
+    # Asymmetric, three classes, where a sum or an average of the two would give another answer.
+    t3 = torch.tensor([0.2, 0.3, 0.5]).log().view(1, 3, 1, 1)
+    p3 = torch.tensor([0.5, 0.4, 0.1]).view(1, 3, 1, 1)
+    got = merged_prompt_label(t3, p3, eps=1e-4).flatten()
+    torch.testing.assert_close(got, torch.tensor([0.10, 0.12, 0.05]) / 0.27)
+    assert not torch.allclose(got, (t3.softmax(1) + p3).flatten() / 2, atol=1e-2)
+    assert not torch.allclose(got, (t3.softmax(1) + p3).softmax(1).flatten(), atol=1e-2)
+    # A class the prompt mask rules out (p = 0) is capped at eps, not -inf: it keeps a trace.
+    zero = merged_prompt_label(t3, torch.tensor([0.6, 0.4, 0.0]).view(1, 3, 1, 1), eps=1e-4).flatten()
+    assert zero.isfinite().all() and 0 < zero[2] < 1e-3
+    torch.testing.assert_close(zero.sum(), torch.tensor(1.0))
     target = torch.tensor([0.2, 0.8]).view(1, 2, 1, 1)
     expected = -(target * torch.log_softmax(teacher, 1)).sum()
     torch.testing.assert_close(soft_ce(teacher, target), expected)

@@ -32,16 +32,41 @@ class Record(L.Callback):
         self.lrs: list[float] = []
         self.norms: list[float] = []
         self.average_at_start: dict | None = None
+        self.model_at_start: dict | None = None
+        # Per validation batch: do the module's weights equal the average / the raw weights
+        # as the last training step left them? (Lightning swaps the two for validation.)
+        self.val_sees_average: list[bool] = []
+        self.val_sees_raw: list[bool] = []
+        self._last: tuple[dict, dict] | None = None
 
-    def on_train_start(self, trainer, module):
+    @staticmethod
+    def _average(trainer):
         for cb in trainer.callbacks:
             if isinstance(cb, L.pytorch.callbacks.WeightAveraging) and cb._average_model is not None:
-                self.average_at_start = {k: v.clone() for k, v in cb._average_model.module.state_dict().items()}
+                return cb._average_model.module
+        return None
+
+    @staticmethod
+    def _state(module) -> dict:
+        return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    def on_train_start(self, trainer, module):
+        self.model_at_start = {k: v.clone() for k, v in module.state_dict().items()}
+        if (average := self._average(trainer)) is not None:
+            self.average_at_start = {k: v.clone() for k, v in average.state_dict().items()}
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        if self._last is not None and not trainer.sanity_checking:
+            now, (average, raw) = self._state(module), self._last
+            self.val_sees_average.append(all(torch.equal(now[k], average[k]) for k in average))
+            self.val_sees_raw.append(all(torch.equal(now[k], raw[k]) for k in raw))
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if (average := self._average(trainer)) is not None:
+            self._last = (self._state(average), self._state(module))
         grads = [p.grad.norm() for p in module.parameters() if p.grad is not None]
         self.norms.append(float(torch.linalg.vector_norm(torch.stack(grads))))
 
@@ -57,7 +82,11 @@ def _val_dice_per_epoch(run: Path) -> list[float]:
 def test_ema_weights_are_validated_and_checkpointed(data, tmp_path):
     cfg = load_preset("unet", "smoke", [*BASE, "train.max_epochs=2", "train.ema_decay=0.9"])
     run = tmp_path / "ema"
-    metrics = train(cfg, data, run, progress=False)
+    rec = Record()
+    metrics = train(cfg, data, run, progress=False, extra_callbacks=[rec])
+    # Validation runs on the average, training on the raw weights (which differ from it).
+    assert rec.val_sees_average and all(rec.val_sees_average)
+    assert not any(rec.val_sees_raw)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     raw, avg = ckpt["current_model_state"], ckpt["state_dict"]
     assert any(not torch.equal(raw[k], avg[k]) for k in raw if raw[k].is_floating_point())
@@ -71,10 +100,15 @@ def test_ema_average_is_restored_on_resume(data, tmp_path):
     run = tmp_path / "ema"
     with pytest.raises(Killed):
         train(cfg, data, run, progress=False, extra_callbacks=[Kill(1)])
-    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    saved, raw = ckpt["state_dict"], ckpt["current_model_state"]
     rec = Record()
     train(cfg, data, run, resume=True, progress=False, extra_callbacks=[rec])
     assert rec.average_at_start is not None
+    # The raw weights come back too (not the average in their place), and they differ from it.
+    assert rec.model_at_start.keys() == raw.keys()
+    assert all(torch.equal(rec.model_at_start[k], raw[k]) for k in raw)
+    assert any(not torch.equal(raw[k], saved[k]) for k in raw if raw[k].is_floating_point())
     net = {k[len("net."):]: v for k, v in saved.items() if k.startswith("net.")}
     restored = {k[len("net."):]: v for k, v in rec.average_at_start.items() if k.startswith("net.")}
     assert net.keys() == restored.keys()
