@@ -1,7 +1,7 @@
 """PromptSSL (GLsc pre-training and prompt-guided pseudo labels): L_LS against plain
 InfoNCE, the prompt mask (a distribution over classes; absent classes get none), the
 class prompts of a spine text, the merged pseudo label (Eq. 13), and smoke runs of
-glsc-vlm, promptssl and a multi-class mean-teacher on non-square spine slices."""
+glsc-vlm, promptssl and the multi-class mean-teacher preset on non-square spine slices."""
 
 from __future__ import annotations
 
@@ -272,10 +272,14 @@ def test_promptssl_refuses_a_vlm_of_another_size(spine, tmp_path):
 
 
 def test_multiclass_mean_teacher_smoke_run_on_non_square_slices(spine, tmp_path):
-    cfg = load_preset("promptssl", "smoke", ["promptssl.prompt_mask=false", "data.labeled_ratio=0.5",
-                                             "train.max_epochs=1"])
+    # The issue's command: the mean-teacher preset itself, told the number of classes.
+    cfg = load_preset("mean-teacher", "smoke", ["data.num_classes=20", "data.img_size=[64,32]",
+                                                "data.labeled_ratio=0.5", "train.max_epochs=1"])
     metrics = train(cfg, spine, tmp_path / "mt", progress=False)
-    assert metrics["Test"]["classes"] and 0 <= metrics["Test"]["dice"] <= 1
+    test = metrics["Test"]
+    assert test["classes"] and 0 <= test["dice"] <= 1
+    logged = (tmp_path / "mt" / "logs" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/consistency" in logged  # the unlabeled half of the step ran
     rows = (tmp_path / "mt" / "per_image.csv").read_text().splitlines()
     assert "dice:L5" in rows[0]
 
