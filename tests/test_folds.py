@@ -160,6 +160,10 @@ def test_another_spelling_of_the_same_dataset_keeps_its_folds(cxr, tmp_path):
     assert [p.read_text() for p in first] == before  # kept as first written
     with pytest.raises(FileExistsError, match="fold_0.csv"):
         write_fold_manifests(detour, 2, 1, tmp_path / "folds")  # other folds are still refused
+    first[0].write_text("not,a\nmanifest\n")  # a file we did not write is refused, not parsed into a crash
+    (tmp_path / "folds" / FOLDS_FILE).write_text("{")
+    with pytest.raises(FileExistsError, match="fold_0.csv"):
+        write_fold_manifests(cxr, 2, 0, tmp_path / "folds")
 
 
 def test_manifest_keeps_unlabeled_in_train(tmp_path):

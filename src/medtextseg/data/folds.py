@@ -148,11 +148,14 @@ def _canonical(path: Path, text: str) -> object:
     def same_file(p: str) -> str:
         return str(Path(p).resolve()) if p else p
 
-    if path.name == FOLDS_FILE:
-        record = json.loads(text)
-        return {**record, "data": same_file(record.get("data", ""))}
-    rows = list(csv.reader(io.StringIO(text)))
-    return [rows[0]] + [[same_file(r[0]), same_file(r[1]), *r[2:]] for r in rows[1:]]
+    try:
+        if path.name == FOLDS_FILE:
+            record = json.loads(text)
+            return {**record, "data": same_file(record.get("data", ""))}
+        rows = list(csv.reader(io.StringIO(text)))
+        return rows[:1] + [[same_file(r[0]), same_file(r[1]), *r[2:]] for r in rows[1:]]
+    except (ValueError, AttributeError, IndexError):  # not a file we wrote: compare it as it is
+        return text
 
 
 def write_fold_manifests(data: str | os.PathLike, k: int, seed: int, out: str | os.PathLike,
@@ -175,8 +178,8 @@ def write_fold_manifests(data: str | os.PathLike, k: int, seed: int, out: str | 
 
     Files are written atomically. An existing file with the same content is
     kept, also where another spelling of the same path wrote it (``..``,
-    symlinks: paths are compared resolved); one with different content (another dataset, ``k``, seed or
-    ``test``) raises :class:`FileExistsError` naming it, before anything is
+    symlinks: paths are compared resolved); one with different content
+    (another dataset, ``k``, seed or ``test``) raises :class:`FileExistsError` naming it, before anything is
     written, so runs trained on old folds are never silently mixed with new ones.
 
     Args:
