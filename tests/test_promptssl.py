@@ -76,11 +76,63 @@ def test_local_loss_sharpens_the_patches_whose_mismatched_similarities_vary_less
     assert not torch.allclose(local_semantic_loss(patches, txt, 0.1), plain)
 
 
-def test_global_constraint_is_the_shared_uncertainty_cosine_infonce():
-    # L_GS uses DuSSS's pairwise_sss + info_nce: with weights of 1 it is plain InfoNCE.
-    torch.manual_seed(2)
-    a, b = F.normalize(torch.randn(3, 4), dim=-1), F.normalize(torch.randn(3, 4), dim=-1)
-    torch.testing.assert_close(info_nce(a, b, torch.ones(3, 3), 0.07), info_nce(a, b, None, 0.07))
+def _global_loss_by_hand(out, groups, tau, a, b, lam):
+    """Eq. 3-7 one pair at a time: D_u = a W2 + b of the [CLS] Gaussians, D_s the distance of
+    the embeddings, D^_u = exp(-lam D_u / D_s), sim^ = 1 - (1 - cos) D^_u; the InfoNCE of
+    both directions (same-text pairs positive) averaged."""
+    img, txt = out.img_emb.double(), out.txt_emb.double()
+    mu_i, mu_t = out.img_mu.double(), out.txt_mu.double()
+    sd_i, sd_t = out.img_logsigma.double().exp(), out.txt_logsigma.double().exp()
+    n = len(groups)
+    sim = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            w2 = float(((mu_i[i] - mu_t[j]) ** 2).sum() + ((sd_i[i] - sd_t[j]) ** 2).sum())
+            d_s = float((img[i] - txt[j]).norm())
+            cos = float(F.cosine_similarity(img[i], txt[j], dim=0))
+            sim[i, j] = 1 - (1 - cos) * math.exp(-lam * (a * w2 + b) / d_s)
+    total = 0.0
+    for logits in (sim / tau, sim.T / tau):
+        for i in range(n):
+            pos = [j for j in range(n) if groups[j] == groups[i]]
+            total += -(np.log(np.exp(logits[i, pos]).sum()) - np.log(np.exp(logits[i]).sum()))
+    return total / (2 * n)
+
+
+def test_glsc_global_constraint_is_eq_3_7_on_the_model_outputs(monkeypatch):
+    """GLscPretrain.losses' L_GS against Eq. 3-7 by hand (DuSSS's SSS, shared), and plain
+    InfoNCE when vlm.sss is off (the ablation without L_GS). The VLM's outputs are fixed,
+    spread so that every D^_u sits well inside (0, 1): an untrained VLM gives near-equal
+    embeddings, on which any weighting gives nearly the same loss."""
+    from medtextseg.nets.vlm import VLMOutput
+    from medtextseg.pretrain.glsc import GLscPretrain
+
+    a, b, lam = 0.5, 0.2, 0.5
+    base = ["vlm.sss_warmup_epochs=0", "vlm.local_constraint=false", "vlm.mask_supervision=false",
+            f"vlm.sss_a={a}", f"vlm.sss_b={b}", f"vlm.sss_lam={lam}", f"data.classes=[{','.join(CLASS_NAMES)}]"]
+    g = torch.Generator().manual_seed(5)
+    e = 16
+    def rand(scale=1.0):
+        return scale * torch.randn(4, e, generator=g)
+
+    out = VLMOutput(F.normalize(rand(), dim=-1), F.normalize(rand(), dim=-1), rand(0.25), rand(0.3),
+                    rand(0.25), rand(0.3), torch.zeros(4, 32, 8, 4))
+    groups = torch.tensor([0, 1, 1, 2])  # images 1 and 2 share a text: positives of each other
+    batch = {"image": torch.zeros(4, 1, 64, 32), "ids": None, "attn": None, "group": groups, "has_mask": torch.zeros(4)}
+
+    def gs_of(overrides):
+        module = GLscPretrain(load_preset("glsc-vlm", "smoke", overrides).to_dict())
+        monkeypatch.setattr(module.vlm, "forward", lambda *args: out)
+        with torch.no_grad():
+            return module.losses(batch)["gs"], float(module.vlm.temperature)
+
+    gs, tau = gs_of(base)
+    assert gs.item() == pytest.approx(_global_loss_by_hand(out, groups.tolist(), tau, a, b, lam), rel=1e-5)
+    # The weights matter here: another lambda is another loss, and SSS off is plain InfoNCE.
+    assert abs(gs.item() - _global_loss_by_hand(out, groups.tolist(), tau, a, b, lam / 2)) > 1e-2
+    plain = info_nce(out.img_emb, out.txt_emb, None, tau, positives=groups[:, None] == groups[None])
+    assert abs(gs.item() - plain.item()) > 1e-2
+    torch.testing.assert_close(gs_of([*base, "vlm.sss=false"])[0], plain)
 
 
 def test_prompt_masks_sum_to_one_over_classes_and_absent_classes_get_nothing():

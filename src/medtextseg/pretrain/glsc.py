@@ -29,8 +29,9 @@ Prompts (:mod:`medtextseg.text.prompts`): one per class, its name with the state
 slice's text gives it ("L3 link"); all possible prompts are tokenised once at build.
 
 Validation and ``evaluate``: retrieval R@1/R@5 (as DuSSS), and ``text_dice`` /
-``text_iou`` = the prompt mask's per-image mDice / mIoU (argmax of Eq. 8) on the
-images that have a mask.
+``text_iou`` = the prompt mask's mDice / mIoU (argmax of Eq. 8) on the images that have a
+mask, by the headline's protocol (:func:`~medtextseg.metrics.mean_of_scored`: per class
+over the images that score it, then the mean over the classes).
 """
 
 from __future__ import annotations
