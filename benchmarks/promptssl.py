@@ -7,6 +7,8 @@ Fig. 6a ablation, per-class Dice, the prompt mask's quality and the cost.
         --ratios 0.05 0.1 0.25 0.5 --seeds 0 --rows unet mean-teacher promptssl
     # Fig. 6a at 5 %: MT; +L_LS; +L_GS; +L_region; +L_feat (= PromptSSL)
     python benchmarks/promptssl.py ... --ratios 0.05 --rows mean-teacher +ls +gs +region promptssl
+    # the 50 % rows with the optimizer steps of the 5 % ones (the paper's claim: PromptSSL at 5 % ~ MT at 50 %)
+    python benchmarks/promptssl.py ... --ratios 0.5 --steps-of 0.05 --rows unet mean-teacher promptssl
 
 Every row runs the ``promptssl`` preset (residual U-Net, the same augmentation, loss and
 schedule), so rows differ only in what the paper's rows differ in:
@@ -20,7 +22,7 @@ schedule), so rows differ only in what the paper's rows differ in:
 
 Each VLM (``glsc-vlm`` at the same tier, seed and labeled split) goes under
 ``<out>/vlm/r<ratio>-s<seed>-<variant>``, each segmentation run under
-``<out>/r<ratio>/<row>-s<seed>``. Finished runs are reused; ``--collect`` trains
+``<out>/r<ratio>/<row>-s<seed>`` (``<row>-steps<R>-s<seed>`` with ``--steps-of R``). Finished runs are reused; ``--collect`` trains
 nothing. Writes ``<out>/results.md``: mDice / mIoU (mean ± std over seeds) with the
 paper's figures, steps, s/epoch and its ratio to Mean Teacher's, the prompt mask's mDice
 on the unlabeled slices (withheld masks) and on the split; the VLM table (retrieval,
@@ -62,16 +64,32 @@ PAPER = {("mean-teacher", 0.05): "74.25 / 64.14", ("mean-teacher", 0.1): "75.54 
          ("+ls", 0.05): "76.60 (MT + 2.36)", ("+gs", 0.05): "78.30 (+ 1.70)", ("+region", 0.05): "78.90 (+ 0.60)"}
 
 
-def seg_overrides(row: str, ratio: float, seed: int, tier: str, extra: list[str]) -> list[str]:
+def epoch_scale(row: str, ratio: float, steps_of: float | None) -> float:
+    """The factor on the preset's epochs that gives ``row`` at ``ratio`` as many optimizer
+    steps as a semi-supervised row at ``steps_of`` (its own ratio when None). A
+    semi-supervised epoch is max(labeled, unlabeled) / batch steps, the labeled-only
+    U-Net's labeled / batch (as benchmarks/semi.py)."""
+    ref = ratio if steps_of is None else steps_of
+    scale = max(ref, 1.0 - ref) / max(ratio, 1.0 - ratio)
+    return scale * max(ratio, 1.0 - ratio) / ratio if row == "unet" else scale
+
+
+def seg_overrides(row: str, ratio: float, seed: int, tier: str, extra: list[str],
+                  steps_of: float | None = None) -> list[str]:
     sets = [f"train.seed={seed}", f"data.labeled_ratio={ratio}", *ROWS[row][0], *extra]
-    if row == "unet" and ratio < 1.0:
+    scale = epoch_scale(row, ratio, steps_of)
+    if not math.isclose(scale, 1.0):
         cfg = load_preset("promptssl", tier, sets)
-        scale = max(ratio, 1.0 - ratio) / ratio
         epochs = math.ceil(cfg.train.max_epochs * scale)
         # The multistep milestones are epochs: scale them with the run.
         sets += [f"train.max_epochs={epochs}", f"train.patience={math.ceil(cfg.train.patience * scale)}",
                  f"optim.milestones=[{','.join(str(math.ceil(m * scale)) for m in cfg.optim.milestones)}]"]
     return sets
+
+
+def run_name(row: str, ratio: float, seed: int, steps_of: float | None) -> str:
+    matched = steps_of is not None and not math.isclose(steps_of, ratio)
+    return f"{row}{f'-steps{steps_of:g}' if matched else ''}-s{seed}"
 
 
 def vlm_run(args, variant: str, ratio: float, seed: int) -> tuple[Path, dict | None]:
@@ -95,6 +113,9 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", nargs="*", default=[], help="overrides for every segmentation run")
     ap.add_argument("--vlm-set", nargs="*", default=[], help="overrides for every VLM pre-training")
     ap.add_argument("--split", default="Test")
+    ap.add_argument("--steps-of", type=float, default=None, metavar="RATIO",
+                    help="give every row the optimizer steps of a semi-supervised row at RATIO (e.g. 0.05: "
+                         "the 50 %% rows step-matched to the 5 %% ones); default: each ratio its preset epochs")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--collect", action="store_true", help="train nothing: tabulate the finished runs")
     args = ap.parse_args()
@@ -111,13 +132,13 @@ def main() -> None:
                     vlms.setdefault((variant, ratio), []).append((m, run))
             for row in args.rows:
                 variant = ROWS[row][1]
-                run = args.out / f"r{ratio:g}" / f"{row}-s{seed}"
+                run = args.out / f"r{ratio:g}" / run_name(row, ratio, seed, args.steps_of)
                 if args.collect and not (run / "metrics.json").is_file():
                     continue
                 if variant is not None and not (paths[variant] / "metrics.json").is_file():
                     continue
-                m = train_in_child("promptssl", args.tier, seg_overrides(row, ratio, seed, args.tier, args.overrides),
-                                   args.data, run, vlm=paths.get(variant))
+                sets = seg_overrides(row, ratio, seed, args.tier, args.overrides, args.steps_of)
+                m = train_in_child("promptssl", args.tier, sets, args.data, run, vlm=paths.get(variant))
                 m["steps"] = optimizer_steps(run)
                 pm = logged(run, "promptssl/prompt_mask_dice")
                 m["prompt_mask_dice"] = pm[0][1] if pm else None
@@ -138,7 +159,8 @@ def main() -> None:
         pm = [m["prompt_mask_dice"] for m in ms if m["prompt_mask_dice"] is not None]
         pm_end = [m["prompt_mask_dice_end"] for m in ms if m.get("prompt_mask_dice_end") is not None]
         lines.append("| " + " | ".join([
-            LABELS[row], f"{ratio:.0%}", fmt([m[sp]["dice"] for m in ms]), fmt([m[sp]["iou"] for m in ms]),
+            LABELS[row] + (f", steps of {args.steps_of:.0%}" if "-steps" in run_name(row, ratio, 0, args.steps_of) else ""),
+            f"{ratio:.0%}", fmt([m[sp]["dice"] for m in ms]), fmt([m[sp]["iou"] for m in ms]),
             PAPER.get((row, ratio), "—"), str(max(m["steps"] for m in ms)), f"{spe:.1f}", rel,
             (fmt(pm) + (f" → {fmt(pm_end)}" if pm_end else "")) if pm else "—", str(len(ms))]) + " |")
     if vlms:
