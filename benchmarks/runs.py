@@ -53,11 +53,13 @@ def train_in_child(preset: str, tier: str, overrides: list[str], data: Path | li
     ``stage``: ``train`` (a segmentation run, with ``vlm`` for the methods that use a
     pre-trained model) or ``pretrain`` (a vision-language pre-training run)."""
     metrics_file, bench_file, legacy = run / "metrics.json", run / BENCH_FILE, run / "wallclock.json"
-    if metrics_file.is_file() and not bench_file.is_file() and legacy.is_file():
-        # Runs of the first accuracy script kept only the wall-clock.
+    if metrics_file.is_file() and not bench_file.is_file():
+        # A finished run without our timings (trained by hand with `medtextseg train`, or by the
+        # first accuracy script, which kept only the wall-clock): reuse its figures. The child
+        # trains with overwrite=True, so retraining here would destroy a run we did not time.
         nan = float("nan")
-        bench = {"seconds": json.loads(legacy.read_text())["seconds"], "epochs": 0, "seconds_per_epoch": nan,
-                 "epoch_seconds": [], "peak_mib": nan}
+        seconds = json.loads(legacy.read_text())["seconds"] if legacy.is_file() else nan
+        bench = {"seconds": seconds, "epochs": 0, "seconds_per_epoch": nan, "epoch_seconds": [], "peak_mib": nan}
         return {**json.loads(metrics_file.read_text()), **bench}
     if not (metrics_file.is_file() and bench_file.is_file()):
         # Several roots (a composite dataset) travel as a list of paths or NAME=PATH strings.
