@@ -202,6 +202,13 @@ def test_glsc_vlm_and_promptssl_presets_chain_at_their_defaults(tier):
     assert (vlm.data.labeled_ratio, vlm.train.seed) == (seg.data.labeled_ratio, seg.train.seed)
 
 
+def test_promptssl_paper_tier_supervises_with_cross_entropy_alone():
+    """PromptSSL Eq. 12: L_sup is the pixel cross-entropy; only the short tiers add Dice."""
+    paper, cpu = load_preset("promptssl", "paper"), load_preset("promptssl", "cpu")
+    assert (paper.loss.dice, paper.loss.ce) == (0.0, 1.0)
+    assert (cpu.loss.dice, cpu.loss.ce) == (0.5, 0.5)
+
+
 # -- smoke runs on non-square spine slices -------------------------------------------------------
 @pytest.fixture(scope="module")
 def spine(tmp_path_factory):

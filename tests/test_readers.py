@@ -520,6 +520,43 @@ def test_a_mask_that_differs_in_case_is_one_problem_and_still_pairs(tmp_path):
     assert samples[0].mask_path == labelcol / "A.png"
 
 
+def test_misspelled_row_keys_are_one_problem_each_and_numbered_names_are_not_typos(tmp_path):
+    # MRSpineSeg's real table keys a dozen rows cse_96_* for the images case_96_*.
+    names = ["case_96_1", "case_96_2", "case_1_12", "case_1_2"]
+    root = make_lvit(tmp_path / "ds", {"Train": names})
+    write_xlsx(root / "Train_Folder" / "Train_text.xlsx",
+               [("cse_96_1.png", "t1"), ("case_96_2.png", "t2"), ("case_1_13.png", "t3"), ("case_1_2.png", "t4")])
+    samples, problems = read_dataset_with_problems(root)
+    by_kind = sorted((p.kind, p.message) for p in problems)
+    assert by_kind == [
+        ("misspelled-name", "row 2 names 'cse_96_1.png', but the file is 'case_96_1.png': one name misspelled?"),
+        # case_1_12 / case_1_13 differ in a number: two files, reported as they are.
+        ("no-row", "no row for 'case_1_12.png' in Train_text.xlsx"),
+        ("row-without-image", "row 4 ('case_1_13.png') matches no image in Train_Folder/img/"),
+    ]
+    fix = next(p.fix for p in problems if p.kind == "misspelled-name")
+    assert fix == "write 'case_96_1.png' in column Image of row 2, or rename the file to 'cse_96_1.png'"
+    assert {s.id: s.text for s in samples}["case_96_1"] == "t1"  # paired, as a letter-case pair is
+
+
+def test_an_ambiguous_near_name_is_not_guessed(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["case_7"]})
+    write_xlsx(root / "Train_Folder" / "Train_text.xlsx", [("cse_7.png", "a"), ("cas_7.png", "b")])
+    _, problems = read_dataset_with_problems(root)
+    assert sorted(p.kind for p in problems) == ["no-row", "row-without-image", "row-without-image"]
+
+
+def test_a_misspelled_mask_is_one_problem_and_still_pairs(tmp_path):
+    root = make_lvit(tmp_path / "ds", {"Train": ["case_3", "b"]})
+    labelcol = root / "Train_Folder" / "labelcol"
+    (labelcol / "case_3.png").rename(labelcol / "cse_3.png")
+    samples, problems = read_dataset_with_problems(root, require_masks_in=("Train",))
+    (problem,) = problems
+    assert problem.kind == "misspelled-name" and problem.file == labelcol / "cse_3.png"
+    assert problem.fix == "rename the mask to 'case_3.png' (or the image to match the mask)"
+    assert {s.id: s.mask_path for s in samples}["case_3"] == labelcol / "cse_3.png"
+
+
 def test_an_exact_match_is_never_taken_by_a_case_match(tmp_path):
     # a.png and A.png are two images on a case-sensitive file system; only a.png has a mask and a row.
     root = make_lvit(tmp_path / "ds", {"Train": ["a"]})

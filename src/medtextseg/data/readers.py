@@ -19,7 +19,9 @@ Train and Val when they have no table of their own. The table is the first
 sheet whose header row (the first non-blank row naming the columns, below any
 title) has both ``Image`` and ``Description``. Test images may be TIFF while
 masks are PNG: images and masks pair on the stem. File names pair exactly; a
-pair that differs only in letter case is still made, and reported.
+pair that differs only in letter case, or an unambiguous misspelling of one name
+(``cse_96_1`` for ``case_96_1``, :mod:`medtextseg.data.names`), is still made, and
+reported once.
 
 CSV manifest: columns ``image,mask,text,split[,domain]``, paths relative to the
 CSV's folder, empty ``mask`` for an unlabeled image.
@@ -38,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from medtextseg.data.io import IMAGE_SUFFIXES, read_image
+from medtextseg.data.names import near_pairs
 from medtextseg.data.problems import Problem
 from medtextseg.data.sample import SPLITS, Sample
 from medtextseg.data.sources import DataArg, DataSources, qualify_ids
@@ -148,8 +151,8 @@ def read_dataset_with_problems(
     text table that cannot be read or has no ``Image``/``Description`` header in
     any sheet; an image without a mask in a split of ``require_masks_in``; a
     mask without an image; two masks for one image; a file name that differs
-    from its mask's or its text row's only in letter case (one problem; the
-    pair is still made); manifest rows with a missing file, an unknown split or
+    from its mask's or its text row's only in letter case, or by one unambiguous
+    misspelling (one problem; the pair is still made); manifest rows with a missing file, an unknown split or
     empty text. Masks and text rows without an image are reported even when a
     split's ``img/`` is empty or missing. File contents (decodability, sizes,
     mask values) and duplicate ids are checked by
@@ -646,6 +649,10 @@ def _case_variant(path: Path, listings: dict[Path, list[str]]) -> Path | None:
     return current if current != path and current.is_file() else None
 
 
+def _strip_mask_prefix(stem: str) -> str:
+    return stem[len(_MASK_PREFIX):] if stem.lower().startswith(_MASK_PREFIX) else stem
+
+
 def _rel(path: Path, root: Path) -> str:
     try:
         return path.relative_to(root).as_posix()
@@ -659,9 +666,12 @@ class _Entry:
 
     image: Path
     masks: list[Path] = field(default_factory=list)  # exact matches (more than one is a problem)
-    near_mask: Path | None = None  # a mask whose name differs in letter case only
+    near_mask: Path | None = None  # a mask whose name differs in letter case only, or misspelled
     rows: list[_TextRow] | None = None
-    near_rows: list[_TextRow] | None = None
+    near_rows: list[_TextRow] | None = None  # likewise for the text row
+    # The near pair is a misspelling (medtextseg.data.names), not a letter-case difference.
+    mask_misspelled: bool = False
+    rows_misspelled: bool = False
 
     @property
     def mask(self) -> Path | None:
@@ -775,6 +785,14 @@ def _read_lvit(
             if len(near) == 1:
                 entry.near_mask = near[0]
                 del by_lower[near[0].stem.lower()]
+        # Then misspellings (cse_96_1 for case_96_1), only where the pair is unambiguous.
+        lonely = [entry for entry in scan.entries if not entry.masks and entry.near_mask is None]
+        free = {_strip_mask_prefix(m.stem): m for masks in by_lower.values() for m in masks}
+        if lonely and free:
+            pairs = near_pairs([entry.image.stem for entry in lonely], list(free))
+            for entry in lonely:
+                if entry.image.stem in pairs:
+                    entry.near_mask, entry.mask_misspelled = free[pairs[entry.image.stem]], True
         if scan.table is not None:
             for entry in scan.entries:
                 if entry.rows is None and entry.near_mask is not None:
@@ -786,6 +804,19 @@ def _read_lvit(
                     entry.near_rows = scan.table.lookup_ignoring_case(entry.row_stems())
                     if entry.near_rows is not None:
                         scan.table.used.update(r.row for r in entry.near_rows)
+    # Misspelled row keys, after every letter-case pair, over all splits a table serves.
+    for table in {id(scan.table): scan.table for scan in scans if scan.table is not None}.values():
+        lonely = [entry for scan in scans if scan.table is table for entry in scan.entries
+                  if entry.rows is None and entry.near_rows is None]
+        free = [key for key, rows in table.rows_by_stem.items() if not any(r.row in table.used for r in rows)]
+        if not lonely or not free:
+            continue
+        pairs = near_pairs([(entry.mask or entry.image).stem for entry in lonely], free)
+        for entry in lonely:
+            key = pairs.get((entry.mask or entry.image).stem)
+            if key is not None:
+                entry.near_rows, entry.rows_misspelled = table.rows_by_stem[key], True
+                table.used.update(r.row for r in entry.near_rows)
 
     # 4. Samples and the problems of each image, split by split.
     samples: list[Sample] = []
@@ -806,10 +837,16 @@ def _read_lvit(
                 prefix = _MASK_PREFIX if entry.near_mask.stem.lower().startswith(_MASK_PREFIX) and \
                     entry.near_mask.stem.lower() != stem.lower() else ""
                 expected = f"{prefix}{stem}{entry.near_mask.suffix}"
-                problems.append(Problem(
-                    entry.near_mask, f"mask {entry.near_mask.name!r} and image {image.name!r} differ only in "
-                    "letter case (file names are case-sensitive)",
-                    f"rename the mask to {expected!r} (or the image to match the mask)", kind="case-mismatch"))
+                if entry.mask_misspelled:
+                    problems.append(Problem(
+                        entry.near_mask, f"mask {entry.near_mask.name!r} matches no image; image {image.name!r} "
+                        "has no mask: one name misspelled?",
+                        f"rename the mask to {expected!r} (or the image to match the mask)", kind="misspelled-name"))
+                else:
+                    problems.append(Problem(
+                        entry.near_mask, f"mask {entry.near_mask.name!r} and image {image.name!r} differ only in "
+                        "letter case (file names are case-sensitive)",
+                        f"rename the mask to {expected!r} (or the image to match the mask)", kind="case-mismatch"))
             if mask is None and label_dir is not None and split in required:
                 problems.append(Problem(
                     image, f"no mask in {_rel(label_dir, root)}/ (looked for {stem}.* and "
@@ -822,11 +859,12 @@ def _read_lvit(
                 if entry.near_rows is not None:
                     row = entry.near_rows[0]
                     text = row.text  # paired anyway: read_dataset users get the text
+                    how = ("one name misspelled?", "misspelled-name") if entry.rows_misspelled else \
+                        ("they differ only in letter case (names are case-sensitive)", "case-mismatch")
                     problems.append(Problem(
-                        table.path, f"row {row.row} names {row.key!r}, but the file is {named!r}: they differ "
-                        "only in letter case (names are case-sensitive)",
+                        table.path, f"row {row.row} names {row.key!r}, but the file is {named!r}: {how[0]}",
                         f"write {named!r} in column Image of row {row.row}, or rename the file to {row.key!r}",
-                        kind="case-mismatch"))
+                        kind=how[1]))
                 elif entry.rows is None:
                     problems.append(Problem(
                         image, f"no row for {named!r} in {table.path.name}",

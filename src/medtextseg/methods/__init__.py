@@ -1,24 +1,19 @@
-"""Training methods, one file each. A method is a LightningModule class that owns
-its training step; register it here by name (the preset's ``method:`` key)."""
+"""Training methods, one file each. A method is a LightningModule class that owns its
+training step and names itself in its class statement, ``class Foo(SegMethod, method="foo")``
+(the preset's ``method:`` key); every module here is imported once, so a new method is one
+file and one preset, listed nowhere else."""
 
 from __future__ import annotations
 
-from medtextseg.methods.base import NonFiniteLossError, SegMethod
-from medtextseg.methods.dusss import DuSSS
-from medtextseg.methods.lvit_semi import LViTSemi
-from medtextseg.methods.mean_teacher import MeanTeacher
-from medtextseg.methods.promptssl import PromptSSL
-from medtextseg.methods.supervised import Supervised
-from medtextseg.methods.textmoe import TextMoE
+from medtextseg.methods.base import METHODS, NonFiniteLossError, SegMethod
+from medtextseg.registry import import_submodules
 
-METHODS: dict[str, type[SegMethod]] = {"supervised": Supervised, "lvit_semi": LViTSemi, "mean_teacher": MeanTeacher,
-                                     "dusss": DuSSS, "textmoe": TextMoE, "promptssl": PromptSSL}
+import_submodules(__name__, __path__)
 
 
 def method_class(name: str) -> type[SegMethod]:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+    """The method registered as ``name``; ``ValueError`` (listing them) for an unknown one."""
+    return METHODS.get_or_raise(name)
 
 
 __all__ = ["METHODS", "NonFiniteLossError", "SegMethod", "method_class"]

@@ -17,6 +17,7 @@ from medtextseg.inference import sliding_window_logits
 from medtextseg.losses import DiceCE
 from medtextseg.metrics import binarize, dice_iou_per_image
 from medtextseg.nets import build_network, check_network_options
+from medtextseg.registry import Registry
 from medtextseg.text.encoders import build_text_encoder
 
 
@@ -51,6 +52,11 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
+#: Every training method by the name a preset gives it (``method:``). A method joins by its
+#: class statement in its own file of this package: ``class Foo(SegMethod, method="foo")``.
+METHODS: Registry[type[SegMethod]] = Registry("method")
+
+
 class SegMethod(L.LightningModule):
     """Base LightningModule: ``forward(images [B,C,H,W], text [B,L] | [B,L,D]) -> logits [B,K,H,W]``.
 
@@ -64,6 +70,11 @@ class SegMethod(L.LightningModule):
         text_state: the text encoder's ``state()`` (the vocabulary of a learned encoder).
         text_dim: D, width of the token embeddings the network receives.
     """
+
+    def __init_subclass__(cls, method: str | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if method is not None:
+            METHODS.add(method, cls)
 
     unlabeled_keys: tuple[str, ...] | None = None
     # Whether the method can train on patches (``data.patches``): a method that keeps

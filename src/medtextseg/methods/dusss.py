@@ -112,7 +112,7 @@ def compute_text_masks(vlm, images: np.ndarray | Sequence[np.ndarray], texts: Se
     return torch.cat(out)
 
 
-class DuSSS(MeanTeacher):
+class DuSSS(MeanTeacher, method="dusss"):
     """DuSSS text-guided Mean Teacher (module docstring).
 
     Batch: ``{"labeled": {image, mask, text}, "unlabeled": {image, text, text_mask}}``,

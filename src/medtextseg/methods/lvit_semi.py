@@ -205,7 +205,7 @@ def match_by_text(query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor
     return best.indices, best.values
 
 
-class LViTSemi(SemiSupervised):
+class LViTSemi(SemiSupervised, method="lvit_semi"):
     """LViT with EPI pseudo labels and the LV loss (any network; the presets use LViT-T/TW).
 
     Batch: ``{"labeled": {image, mask, text, ...}, "unlabeled": {image, text, pseudo, contrast, ...}}``,

@@ -46,7 +46,7 @@ def ema_decay(step: int, decay: float) -> float:
     return min(1.0 - 1.0 / (step + 1), decay)
 
 
-class MeanTeacher(SemiSupervised):
+class MeanTeacher(SemiSupervised, method="mean_teacher"):
     """Mean Teacher over any network (the preset uses U-Net, as the papers do).
 
     Batch: ``{"labeled": {image, mask, text}, "unlabeled": {image, text, ...}}``.

@@ -75,7 +75,7 @@ def soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(target.float() * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
-class PromptSSL(MeanTeacher):
+class PromptSSL(MeanTeacher, method="promptssl"):
     """PromptSSL prompt-guided Mean Teacher (module docstring).
 
     Batch: ``{"labeled": {image, mask, text, index}, "unlabeled": {image, text, index}}``.

@@ -7,7 +7,7 @@ import torch
 from medtextseg.methods.base import SegMethod
 
 
-class Supervised(SegMethod):
+class Supervised(SegMethod, method="supervised"):
     """Supervised segmentation with any network of :func:`medtextseg.build_network`.
 
     Batch: ``image [B,C,H,W]``, ``mask [B,1,H,W]``, ``text [B,L]|[B,L,D]``.

@@ -85,7 +85,7 @@ class DomainBound(nn.Module):
         return self.net(images, text, domain=domain if domain is not None else self.domain)
 
 
-class TextMoE(MeanTeacher):
+class TextMoE(MeanTeacher, method="textmoe"):
     """TextMoE mean teacher (module docstring).
 
     Batch: ``{"labeled": {image, mask, text[, domain]}, "unlabeled": {image, text[, domain]}}``.

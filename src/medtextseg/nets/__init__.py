@@ -10,7 +10,9 @@ Every network follows one contract::
 Networks that use the modality also take ``domain=`` (a LongTensor ``[B]`` of
 domain indices; TextMoE's gates read it as a one-hot indicator).
 
-Build them by name with :func:`build_network`::
+A network file registers its names and options at its end
+(:func:`medtextseg.nets.registry.register_network`); build them by name with
+:func:`build_network`::
 
     >>> from medtextseg.nets import build_network
     >>> net = build_network("lvit-t", in_channels=3, num_classes=1, text_dim=768, text_len=10)
@@ -39,11 +41,17 @@ from typing import Any
 
 from torch import nn
 
-from medtextseg.nets.blocks import check_image_size
-from medtextseg.nets.lvit import PLAM, LViT
+from medtextseg.nets.lvit import LVIT_DEPTHS, PLAM, LViT
+from medtextseg.nets.registry import COMMON_OPTIONS, family_of, network_names, normalise
 from medtextseg.nets.resunet import ResUNet
-from medtextseg.nets.textmoe import TextMoENet, check_textmoe_size, convnext_widths
+from medtextseg.nets.textmoe import TEXTMOE_DECODERS, TextMoENet
 from medtextseg.nets.unet import UNet
+from medtextseg.registry import import_submodules
+
+# Each network file registers its family at its end (medtextseg.nets.registry); the rest
+# of the package too, so a new network is one file, listed nowhere else (the imports above
+# are the public names).
+import_submodules(__name__, __path__)
 
 __all__ = [
     "LVIT_DEPTHS",
@@ -58,66 +66,34 @@ __all__ = [
     "check_network_options",
 ]
 
-#: Transformer blocks per ViT module of the LViT sizes (paper §4.4, Table 3).
-LVIT_DEPTHS: dict[str, int] = {"lvit-t": 1, "lvit-s": 4, "lvit-m": 6, "lvit-l": 12}
-
-#: TextMoE networks (ConvNeXt encoder) and their decoders: TMoE (paper §2.2) and
-#: the Plain-MoE of the paper's Table 2 ablation.
-TEXTMOE_DECODERS: dict[str, str] = {"textmoe": "tmoe", "textmoe-plain": "plain"}
-
-#: Names accepted by :func:`build_network`.
-NETWORK_NAMES: tuple[str, ...] = ("unet", "resunet", *LVIT_DEPTHS, *TEXTMOE_DECODERS)
-
-_COMMON_OPTIONS = (
-    "in_channels",
-    "num_classes",
-    "base_width",
-    "img_size",
-    "text_dim",
-    "text_len",
-    "use_text",
-    "num_domains",
-)
-_TEXT_OPTIONS = ("img_size", "text_dim", "text_len", "use_text")
-# Only the TextMoE gates read the modality; the other families accept and ignore it.
-_DOMAIN_OPTIONS = ("num_domains",)
-_EXTRA_OPTIONS = {
-    "unet": ("upsample", "num_convs"),
-    "resunet": ("levels", "num_res_units", "groups", "dropout"),
-    "lvit": ("num_heads", "mlp_ratio", "dropout"),
-    "textmoe": ("depths", "encoder", "indicator", "drop_path"),
-}
+#: Names accepted by :func:`build_network` (every registered family's).
+NETWORK_NAMES: tuple[str, ...] = network_names()
 
 
 def check_network_options(name: str, options: Any) -> None:
     """Check a config's ``network.options`` for network ``name`` before anything is built:
-    a mapping of the family's own options (:data:`_EXTRA_OPTIONS`); the common options
-    come from their config fields (``data.img_size``, ``network.base_width``, ...).
+    a mapping of the family's own options (its :func:`~medtextseg.nets.registry.register_network`
+    call); the common options come from their config fields (``data.img_size``,
+    ``network.base_width``, ...).
 
     Raises:
-        ValueError: not a mapping, a common option, or an option the network does not take.
+        ValueError: not a mapping, an unknown network, a common option, or an option the
+            network does not take.
     """
     if not isinstance(options, dict):
         # ValueError, not TypeError: check_config's refusals are all ValueErrors.
         raise ValueError(  # noqa: TRY004
             f"network.options must be a mapping (e.g. {{drop_path: 0.1}}), got {options!r}")
-    key = str(name).strip().lower().replace("_", "-")
-    if key not in NETWORK_NAMES:
-        raise ValueError(f"unknown network {name!r}; valid names: {', '.join(NETWORK_NAMES)}")
-    common = sorted(set(options) & set(_COMMON_OPTIONS))
+    spec = family_of(name)
+    common = sorted(set(options) & set(COMMON_OPTIONS))
     if common:
         raise ValueError(f"network.options: {', '.join(common)} come(s) from the config (data.img_size, "
                          "data.in_channels, data.num_classes, data.domains, network.base_width, network.use_text, "
                          "text.max_len); set those instead")
-    extra = _EXTRA_OPTIONS[_family(key)]
-    unknown = sorted(set(options) - set(extra))
+    unknown = sorted(set(options) - set(spec.options))
     if unknown:
-        raise ValueError(f"network.options: unknown option(s) {', '.join(unknown)} for network {key!r}; "
-                         f"it takes {', '.join(extra)}")
-
-
-def _family(key: str) -> str:
-    return key if key in ("unet", "resunet") else "textmoe" if key in TEXTMOE_DECODERS else "lvit"
+        raise ValueError(f"network.options: unknown option(s) {', '.join(unknown)} for network {normalise(name)!r}; "
+                         f"it takes {', '.join(spec.options)}")
 
 
 def build_network(name: str, **options: Any) -> nn.Module:
@@ -138,7 +114,7 @@ def build_network(name: str, **options: Any) -> nn.Module:
             U-Net with group norm, PromptSSL's network,
             :class:`~medtextseg.nets.resunet.ResUNet`) takes ``levels``,
             ``num_res_units``, ``groups`` and ``dropout``. The U-Nets are image-only: they
-            accepts the text options so configs can switch networks freely, checks
+            accept the text options so configs can switch networks freely, checks
             ``img_size`` and otherwise ignores them. The TextMoE networks
             (:class:`~medtextseg.nets.textmoe.TextMoENet`) map ``base_width=b`` to
             the ConvNeXt stage widths ``(b, 2b, 4b, 8b)`` (96: ConvNeXt-Tiny's
@@ -154,27 +130,11 @@ def build_network(name: str, **options: Any) -> nn.Module:
     Raises:
         ValueError: unknown name or option, or an invalid value.
     """
-    key = str(name).strip().lower().replace("_", "-")
-    if key not in NETWORK_NAMES:
-        raise ValueError(f"unknown network {name!r}; valid names: {', '.join(NETWORK_NAMES)}")
-    family = _family(key)
-    valid = _COMMON_OPTIONS + _EXTRA_OPTIONS[family]
+    spec = family_of(name)
+    valid = COMMON_OPTIONS + spec.options
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for network {key!r}; valid options: {', '.join(valid)}"
+            f"unknown option(s) {', '.join(unknown)} for network {normalise(name)!r}; valid options: {', '.join(valid)}"
         )
-    if family in ("unet", "resunet"):
-        if family == "unet" and "img_size" in options:
-            check_image_size(options["img_size"])
-        image_options = {k: v for k, v in options.items() if k not in _TEXT_OPTIONS + _DOMAIN_OPTIONS}
-        return (UNet if family == "unet" else ResUNet)(**image_options)
-    if family == "textmoe":
-        options = dict(options)
-        base_width = options.pop("base_width", None)
-        if base_width is not None:
-            options["widths"] = convnext_widths(base_width)
-        if "img_size" in options:
-            check_textmoe_size(options["img_size"])
-        return TextMoENet(decoder=TEXTMOE_DECODERS[key], **options)
-    return LViT(depth=LVIT_DEPTHS[key], **{k: v for k, v in options.items() if k not in _DOMAIN_OPTIONS})
+    return spec.build(normalise(name), **options)

@@ -22,6 +22,7 @@ from medtextseg.nets.blocks import (
     check_image_size,
     inference_layout,
 )
+from medtextseg.nets.registry import DOMAIN_OPTIONS, register_network, without
 from medtextseg.nets.vit import (
     CTBN,
     DROPOUT,
@@ -34,7 +35,7 @@ from medtextseg.nets.vit import (
     resize_tokens,
 )
 
-__all__ = ["PLAM", "LViT", "TextConvPath"]
+__all__ = ["LVIT_DEPTHS", "PLAM", "LViT", "TextConvPath"]
 
 
 class PLAM(nn.Module):
@@ -256,3 +257,14 @@ class LViT(nn.Module):
             features[level] = features[level] + self.reconstructs[level](lower, grid)
         # Internal layout only: logits come back in the standard contiguous layout.
         return self.decoder(features).contiguous()
+
+
+#: Transformer blocks per ViT module of the LViT sizes (paper §4.4, Table 3).
+LVIT_DEPTHS: dict[str, int] = {"lvit-t": 1, "lvit-s": 4, "lvit-m": 6, "lvit-l": 12}
+
+
+def _build(name: str, **options) -> LViT:
+    return LViT(depth=LVIT_DEPTHS[name], **without(options, DOMAIN_OPTIONS))
+
+
+register_network("lvit", tuple(LVIT_DEPTHS), ("num_heads", "mlp_ratio", "dropout"), _build)

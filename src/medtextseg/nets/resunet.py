@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from monai.networks.nets import UNet as MonaiUNet
 from torch import Tensor, nn
 
+from medtextseg.nets.registry import DOMAIN_OPTIONS, TEXT_OPTIONS, register_network, without
+
 __all__ = ["ResUNet"]
 
 
@@ -67,3 +69,11 @@ class ResUNet(nn.Module):
             raise ValueError(f"image size {tuple(images.shape[2:])} must be divisible by {self.divisor} "
                              f"(the residual U-Net's {self.divisor}x down-sampling); set data.img_size accordingly")
         return self.head(self.body(images))
+
+
+def _build(name: str, **options) -> ResUNet:
+    # Image-only: the text options are accepted so that configs can switch networks freely.
+    return ResUNet(**without(options, TEXT_OPTIONS + DOMAIN_OPTIONS))
+
+
+register_network("resunet", ("resunet",), ("levels", "num_res_units", "groups", "dropout"), _build)

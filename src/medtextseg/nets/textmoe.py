@@ -55,12 +55,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medtextseg.nets.blocks import ConvBNReLU
+from medtextseg.nets.registry import register_network
 
 __all__ = [
     "ATTN_SCALE_INIT",
     "ENCODER_STRIDE",
     "PAPER_DEPTHS",
     "PAPER_WIDTHS",
+    "TEXTMOE_DECODERS",
     "ConvNeXtEncoder",
     "MoEDecoder",
     "PlainMoELayer",
@@ -654,3 +656,20 @@ def _checkpoint_path(encoder: str | None) -> Path | None:
     if not path.is_dir():
         raise ValueError(f"ConvNeXt checkpoint folder {path} does not exist")
     return path
+
+
+#: TextMoE networks (ConvNeXt encoder) and their decoders: TMoE (paper §2.2) and the
+#: Plain-MoE of the paper's Table 2 ablation.
+TEXTMOE_DECODERS: dict[str, str] = {"textmoe": "tmoe", "textmoe-plain": "plain"}
+
+
+def _build(name: str, **options) -> TextMoENet:
+    base_width = options.pop("base_width", None)
+    if base_width is not None:
+        options["widths"] = convnext_widths(base_width)
+    if "img_size" in options:
+        check_textmoe_size(options["img_size"])
+    return TextMoENet(decoder=TEXTMOE_DECODERS[name], **options)
+
+
+register_network("textmoe", tuple(TEXTMOE_DECODERS), ("depths", "encoder", "indicator", "drop_path"), _build)

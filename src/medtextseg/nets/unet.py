@@ -11,6 +11,7 @@ from medtextseg.nets.blocks import (
     check_image_size,
     inference_layout,
 )
+from medtextseg.nets.registry import DOMAIN_OPTIONS, TEXT_OPTIONS, register_network, without
 
 __all__ = ["UNet"]
 
@@ -71,3 +72,12 @@ class UNet(nn.Module):
         check_image_size(tuple(images.shape[-2:]), what="image size")
         # Internal layout only: logits come back in the standard contiguous layout.
         return self.decoder(self.encoder(inference_layout(images))).contiguous()
+
+
+def _build(name: str, **options) -> UNet:
+    if "img_size" in options:
+        check_image_size(options["img_size"])
+    return UNet(**without(options, TEXT_OPTIONS + DOMAIN_OPTIONS))
+
+
+register_network("unet", ("unet",), ("upsample", "num_convs"), _build)

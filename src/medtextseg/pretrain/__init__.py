@@ -1,24 +1,23 @@
 """Vision-language pre-training modules (DESIGN §2), one file each.
 
-A pre-training preset names its module with ``pretrain: <name>``; the module joins
-the toolkit by one entry in :data:`PRETRAINERS` (the name a preset uses -> its
-:class:`~medtextseg.pretrain.base.PretrainModule` subclass). ``medtextseg pretrain``
-trains it; ``medtextseg train`` refuses such a preset.
+A pre-training preset names its module with ``pretrain: <name>``; a module names itself in
+its class statement, ``class Foo(PretrainModule, pretrain="foo")``, and every module here is
+imported once, so a new one is one file and one preset, listed nowhere else
+(:data:`PRETRAINERS`). ``medtextseg pretrain`` trains it; ``medtextseg train`` refuses such a
+preset.
 """
 
 from __future__ import annotations
 
-from medtextseg.pretrain.base import PretrainModule
-from medtextseg.pretrain.dusss import DuSSSPretrain
-from medtextseg.pretrain.glsc import GLscPretrain
+from medtextseg.pretrain.base import PRETRAINERS, PretrainModule
+from medtextseg.registry import import_submodules
 
-PRETRAINERS: dict[str, type[PretrainModule]] = {"dusss": DuSSSPretrain, "glsc": GLscPretrain}
+import_submodules(__name__, __path__)
 
 
 def pretrain_class(name: str) -> type[PretrainModule]:
-    if name not in PRETRAINERS:
-        raise ValueError(f"unknown pre-training module {name!r}; available: {', '.join(sorted(PRETRAINERS))}")
-    return PRETRAINERS[name]
+    """The module registered as ``name``; ``ValueError`` (listing them) for an unknown one."""
+    return PRETRAINERS.get_or_raise(name)
 
 
 __all__ = ["PRETRAINERS", "PretrainModule", "pretrain_class"]

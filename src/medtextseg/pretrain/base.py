@@ -31,11 +31,17 @@ import torch
 from medtextseg.config import Config
 from medtextseg.data.sample import Sample
 from medtextseg.methods import SegMethod
+from medtextseg.registry import Registry
 from medtextseg.utils import atomic_write_bytes
 
 # Inside a segmentation run: the pre-trained model it uses (config.yaml, run.json, weights.pt).
 PRETRAINED_DIR = "vlm"
 WEIGHTS_FILE = "weights.pt"
+
+
+#: Every pre-training module by the name a preset gives it (``pretrain:``). A module joins by
+#: its class statement in its own file of this package: ``class Foo(PretrainModule, pretrain="foo")``.
+PRETRAINERS: Registry[type[PretrainModule]] = Registry("pre-training module")
 
 
 class PretrainModule(L.LightningModule):
@@ -45,6 +51,11 @@ class PretrainModule(L.LightningModule):
         config: the resolved run config as a dict (saved in the checkpoint's
             hyper-parameters, so ``load_from_checkpoint`` rebuilds the model).
     """
+
+    def __init_subclass__(cls, pretrain: str | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if pretrain is not None:
+            PRETRAINERS.add(pretrain, cls)
 
     monitor: str = "val/r1"
     kind: str = "vlm"

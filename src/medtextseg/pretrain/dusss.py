@@ -304,7 +304,7 @@ def _zero_touch(*modules: torch.nn.Module) -> Tensor:
     return sum(p.sum() for m in modules for p in m.parameters()) * 0.0
 
 
-class DuSSSPretrain(PretrainModule):
+class DuSSSPretrain(PretrainModule, pretrain="dusss"):
     """DuSSS VLM pre-training (module docstring): ``forward`` is the VLM's.
 
     Batches are those of :class:`PairDataModule`. Logged: ``train/loss`` and each term

@@ -146,7 +146,7 @@ def prompt_mask(dense: Tensor, prompt_emb: Tensor, scores: Tensor, size: Sequenc
     return y / y.sum(1, keepdim=True).clamp_min(eps)
 
 
-class GLscPretrain(DuSSSPretrain):
+class GLscPretrain(DuSSSPretrain, pretrain="glsc"):
     """GLsc pre-training (module docstring). Batches are :class:`~medtextseg.pretrain.dusss.PairDataModule`'s
     with ``prompts [B, K]`` (prompt-table indices) and ``absent [B, K]`` per item.
 
