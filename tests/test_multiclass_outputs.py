@@ -156,6 +156,23 @@ def test_check_data_notes_a_classes_txt_of_another_length(tmp_path):
     assert [r[0] for r in _table_rows(res.output).values()] == default_names(K)
 
 
+def test_roots_class_names_agree_across_roots_and_read_a_manifests_folder(tmp_path):
+    from medtextseg.classes import roots_class_names
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root, names in ((a, ["background", "x", "y"]), (b, ["background", "x", "z"])):
+        root.mkdir()
+        (root / "classes.txt").write_text("\n".join(names) + "\n")
+    manifest = a / "m.csv"
+    manifest.write_text("image,mask,text,split\n")
+    assert roots_class_names([manifest, tmp_path / "none"], 3) == ["background", "x", "y"]
+    assert roots_class_names([tmp_path], 3) is None
+    with pytest.raises(ValueError, match="name their classes differently"):
+        roots_class_names([a, b], 3)
+    with pytest.raises(ValueError, match=r"a/classes.txt has 3 names"):
+        roots_class_names([a], 4)
+
+
 def test_binary_check_data_prints_no_class_table(tmp_path):
     root = _label_dataset(tmp_path / "ds")
     for mask in root.rglob("labelcol/*.png"):  # binary masks: every class id becomes 255

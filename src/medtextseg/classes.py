@@ -81,6 +81,29 @@ def read_classes_file(root: Path | str) -> list[str] | None:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def roots_class_names(roots: Iterable[Path | str], num_classes: int) -> list[str] | None:
+    """The class names that the dataset roots' :data:`CLASSES_FILE` give (a manifest's root
+    is its folder), checked against ``num_classes``; None when no root has one.
+
+    Raises:
+        ValueError: two roots name their classes differently, or the names do not fit
+            ``num_classes`` (the message names the file).
+    """
+    found: dict[str, list[str]] = {}
+    for root in roots:
+        root = Path(root)
+        names = read_classes_file(root if root.is_dir() else root.parent)
+        if names is not None:
+            found[str(root if root.is_dir() else root.parent)] = names
+    if not found:
+        return None
+    if len({tuple(n) for n in found.values()}) > 1:
+        raise ValueError(f"the dataset roots name their classes differently ({', '.join(found)}); "
+                         "make their classes.txt agree or set data.classes")
+    where, names = next(iter(found.items()))
+    return check_class_names(names, num_classes, where=f"{where}/{CLASSES_FILE}")
+
+
 def colorize(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """``[H, W]`` class ids (binary: {0, 1} or {0, 255}) -> ``[H, W, 3]`` uint8 palette colours."""
     pal = palette(num_classes)

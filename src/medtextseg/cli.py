@@ -251,46 +251,23 @@ def check_data(
 
 def _print_classes(sources, samples, num_classes: int) -> None:
     """Label maps (K >= 2): a table of each class id 0..K-1, its name (the dataset roots'
-    classes.txt, else ``class 1`` ...) and how many masks of each split contain it.
+    classes.txt, else ``class 1`` ...) and how many masks of each split contain it."""
+    from medtextseg.classes import default_names, roots_class_names
+    from medtextseg.data.validation import class_presence
 
-    ``samples`` have passed validation, so every mask holds ids below K.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    import numpy as np
-
-    from medtextseg.classes import CLASSES_FILE, check_class_names, default_names, read_classes_file
-    from medtextseg.data.io import read_mask
-
-    names, notes = default_names(num_classes), []
-    for _, path in sources.roots:
-        root = path if path.is_dir() else path.parent
-        found = read_classes_file(root)
-        if found is None:
-            continue
-        try:
-            names = check_class_names(found, num_classes, where=str(root / CLASSES_FILE))
-            break
-        except ValueError as e:
-            # Not an error here: --set data.classes=[...] lets train name the classes instead.
-            notes.append(f"{e}; train refuses it unless data.classes is set")
-    labeled = [s for s in samples if s.labeled]
-    splits = [sp for sp in ("Train", "Val", "Test") if any(s.split == sp for s in labeled)]
-
-    def present(s) -> np.ndarray:
-        """``[K]`` bool: the class ids in the sample's mask."""
-        return np.bincount(read_mask(s.mask_path).ravel(), minlength=num_classes)[:num_classes] > 0
-
-    counts = {sp: np.zeros(num_classes, int) for sp in splits}
-    # PNG decoding releases the GIL: threads read the masks in parallel.
-    with ThreadPoolExecutor(4) as pool:
-        for s, has in zip(labeled, pool.map(present, labeled), strict=True):
-            counts[s.split] += has
+    notes = []
+    try:
+        names = roots_class_names((path for _, path in sources.roots), num_classes) or default_names(num_classes)
+    except ValueError as e:
+        # Not an error here: --set data.classes=[...] lets train name the classes instead.
+        names = default_names(num_classes)
+        notes.append(f"{e}; train refuses it unless data.classes is set")
+    counts = class_presence(samples, num_classes)
     table = Table(title="classes present (labeled images whose mask contains each class id)")
-    for col in ("id", "class", *splits):
+    for col in ("id", "class", *counts):
         table.add_column(col, justify="right" if col != "class" else "left")
     for c in range(num_classes):
-        table.add_row(str(c), names[c], *(str(counts[sp][c]) for sp in splits))
+        table.add_row(str(c), names[c], *(str(n[c]) for n in counts.values()))
     console.print(table)
     _print_notes(notes)
 

@@ -47,7 +47,7 @@ from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, Model
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from medtextseg.classes import check_class_names, class_names, read_classes_file
+from medtextseg.classes import check_class_names, class_names, roots_class_names
 from medtextseg.config import Config, ConfigError, read_config, save_config
 from medtextseg.data.fingerprint import dataset_fingerprint, describe_data, domain_fingerprints
 from medtextseg.data.io import read_mask
@@ -365,16 +365,9 @@ def _with_classes(cfg: Config, data: DataSources) -> Config:
         if cfg.data.classes:
             check_class_names(cfg.data.classes, k)
             return cfg
-        found = {str(path): names for _, path in data.roots if (names := read_classes_file(
-            path if path.is_dir() else path.parent)) is not None}
-        if not found:
+        names = roots_class_names((path for _, path in data.roots), k)
+        if names is None:
             return cfg
-        distinct = {tuple(n) for n in found.values()}
-        if len(distinct) > 1:
-            raise ValueError(f"the dataset roots name their classes differently ({', '.join(found)}); "
-                             "make their classes.txt agree or set data.classes")
-        where, names = next(iter(found.items()))
-        check_class_names(names, k, where=f"{where}/classes.txt")
     except ValueError as e:
         raise RunError(str(e)) from None
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, classes=list(names)))

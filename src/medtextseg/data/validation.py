@@ -40,6 +40,7 @@ __all__ = [
     "check_num_classes",
     "check_samples",
     "check_split_names",
+    "class_presence",
     "dataset_notes",
     "validate_dataset",
 ]
@@ -305,6 +306,23 @@ def _consequence(split: str, need: Sequence[str]) -> str:
     if split == "Val":
         return "no Val figures will be reported, and training cannot select a best checkpoint"
     return "there are no Train images"
+
+
+def class_presence(samples: Sequence[Sample], num_classes: int) -> dict[str, np.ndarray]:
+    """Per split (Train, Val, Test, those with labeled images): ``[K]`` int, how many of its
+    masks contain each class id 0..K-1. ``samples`` must have passed :func:`check_samples`
+    (every mask holds ids below K)."""
+    labeled = [s for s in samples if s.labeled]
+    counts = {sp: np.zeros(num_classes, int) for sp in ("Train", "Val", "Test") if any(s.split == sp for s in labeled)}
+
+    def present(s: Sample) -> np.ndarray:
+        return np.bincount(read_mask(s.mask_path).ravel(), minlength=num_classes)[:num_classes] > 0
+
+    # PNG decoding releases the GIL: threads read the masks in parallel.
+    with ThreadPoolExecutor(4) as pool:
+        for s, has in zip(labeled, pool.map(present, labeled), strict=True):
+            counts[s.split] += has
+    return counts
 
 
 def dataset_notes(
