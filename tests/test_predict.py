@@ -272,6 +272,20 @@ def test_csv_row_that_misses_by_case_or_folder_is_one_clear_message(run, pool, t
     assert f"names {key!r}, but the image is 'a.png'" in str(e.value)
 
 
+def test_csv_row_with_a_misspelled_name_is_one_problem_and_numbers_are_not_typos(run, pool, tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    images = _images(tmp_path, pool, ["case_96_1.png", "case_1_12.png"])
+    table = _csv(tmp_path / "t.csv", f"image,text\ncse_96_1.png,{ROW}\ncase_1_13,{ROW}\n")
+    with pytest.raises(DataError) as e:
+        predict(run, images, tmp_path / "out", texts=table)
+    msgs = sorted(p.message for p in e.value.problems)
+    assert msgs == [
+        "no text: t.csv has no row for this image",  # case_1_12: another number, another image
+        "row 2 names 'cse_96_1.png', but the image is 'case_96_1.png': one name misspelled?",
+        f"row 3 names 'case_1_13', which is not an image in {images}",
+    ]
+
+
 def test_csv_row_with_unquoted_commas_and_conflicting_rows(run, pool, tmp_path, monkeypatch):
     _no_model(monkeypatch)
     images = _images(tmp_path, pool, ["a.png", "b.png"])

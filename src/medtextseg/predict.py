@@ -55,6 +55,7 @@ from medtextseg.data.io import (
     write_png_atomic,
 )
 from medtextseg.data.module import eval_batch_size, make_dataset, make_loader
+from medtextseg.data.names import near_pairs
 from medtextseg.data.problems import DataError, Problem
 from medtextseg.data.sample import Sample
 from medtextseg.engine import (
@@ -160,6 +161,12 @@ def read_text_table(path: Path) -> tuple[list[TextRow] | None, list[Problem]]:
     return rows, problems
 
 
+def _key_stem(key: str) -> str:
+    """A row's image name without folders and without an image suffix."""
+    base = key.replace("\\", "/").rsplit("/", 1)[-1]
+    return Path(base).stem if Path(base).suffix.lower() in IMAGE_SUFFIXES else base
+
+
 def _texts_from_table(files: list[Path], images: Path, texts: Path) -> tuple[dict[Path, str], list[Problem]]:
     """Match CSV rows to images by exact file name, else exact stem; report every mismatch."""
     rows, problems = read_text_table(texts)
@@ -174,6 +181,7 @@ def _texts_from_table(files: list[Path], images: Path, texts: Path) -> tuple[dic
         by_fold[output_key(p.stem)].append(p)
     matched: dict[Path, list[TextRow]] = defaultdict(list)
     excused: set[Path] = set()  # images whose row was reported as a near miss
+    orphans: list[TextRow] = []  # rows that name no image
     for r in rows:
         targets = by_name.get(r.key) or by_stem.get(r.key)
         if targets:
@@ -188,8 +196,22 @@ def _texts_from_table(files: list[Path], images: Path, texts: Path) -> tuple[dic
                                     f"write {near[0].name!r} (the file name only, same case) in column image "
                                     f"of row {r.row}"))
         else:
-            problems.append(Problem(texts, f"row {r.row} names {r.key!r}, which is not an image in {images}",
-                                    "remove the row, or add the image"))
+            orphans.append(r)
+    # One problem for one misspelled name (cse_96_1 for case_96_1), not "no row" and "no image".
+    lonely = [p for p in files if not matched.get(p) and p not in excused]
+    pairs = near_pairs([p.stem for p in lonely], [_key_stem(r.key) for r in orphans])
+    by_key_stem = {_key_stem(r.key): r for r in orphans}
+    for p in lonely:
+        r = by_key_stem.get(pairs.get(p.stem, ""))
+        if r is not None:
+            excused.add(p)
+            orphans.remove(r)
+            problems.append(Problem(texts, f"row {r.row} names {r.key!r}, but the image is {p.name!r}: one name "
+                                    "misspelled?", f"write {p.name!r} in column image of row {r.row}, or rename "
+                                    f"the image to match the row"))
+    for r in orphans:
+        problems.append(Problem(texts, f"row {r.row} names {r.key!r}, which is not an image in {images}",
+                                "remove the row, or add the image"))
     chosen: dict[Path, str] = {}
     for p in files:
         found = matched.get(p, [])
