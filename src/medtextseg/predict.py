@@ -161,9 +161,14 @@ def read_text_table(path: Path) -> tuple[list[TextRow] | None, list[Problem]]:
     return rows, problems
 
 
+def _key_base(key: str) -> str:
+    """A row's image name without folders."""
+    return key.replace("\\", "/").rsplit("/", 1)[-1]
+
+
 def _key_stem(key: str) -> str:
     """A row's image name without folders and without an image suffix."""
-    base = key.replace("\\", "/").rsplit("/", 1)[-1]
+    base = _key_base(key)
     return Path(base).stem if Path(base).suffix.lower() in IMAGE_SUFFIXES else base
 
 
@@ -188,8 +193,7 @@ def _texts_from_table(files: list[Path], images: Path, texts: Path) -> tuple[dic
             for p in targets:
                 matched[p].append(r)
             continue
-        base = r.key.replace("\\", "/").rsplit("/", 1)[-1]
-        near = by_fold.get(output_key(base), [])
+        near = by_fold.get(output_key(_key_base(r.key)), [])
         if near:
             excused.update(near)
             problems.append(Problem(texts, f"row {r.row} names {r.key!r}, but the image is {near[0].name!r}",

@@ -79,7 +79,7 @@ def family_of(name: str) -> NetworkFamily:
     key = normalise(name)
     if key not in _FAMILIES:
         raise ValueError(f"unknown network {name!r}; valid names: {', '.join(_FAMILIES)}")
-    return _FAMILIES.get_or_raise(key)
+    return _FAMILIES[key]
 
 
 def normalise(name: Any) -> str:
