@@ -3,7 +3,10 @@
 
 A finished run holds ``metrics.json`` and ``bench.json`` (wall-clock seconds,
 epochs trained, seconds per epoch, peak resident MiB); delete the run folder to
-train it again.
+train it again. A run whose child was killed (a benchmark stopped, the machine
+lost) resumes from its last checkpoint when the same configuration is asked for
+again, instead of training from scratch: ``bench.partial.json`` holds what it was
+started with and the time of its earlier attempts.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from medtextseg.utils import atomic_write_json
 
 BENCH_FILE = "bench.json"
+PARTIAL_FILE = "bench.partial.json"
 
 
 def fmt(xs: list[float], scale: float = 100.0) -> str:
@@ -62,19 +66,40 @@ def train_in_child(preset: str, tier: str, overrides: list[str], data: Path | li
         bench = {"seconds": seconds, "epochs": 0, "seconds_per_epoch": nan, "epoch_seconds": [], "peak_mib": nan}
         return {**json.loads(metrics_file.read_text()), **bench}
     if not (metrics_file.is_file() and bench_file.is_file()):
-        # Several roots (a composite dataset) travel as a list of paths or NAME=PATH strings.
-        where = [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
-        spec = json.dumps({"preset": preset, "tier": tier, "overrides": overrides, "data": where, "run": str(run),
-                           "vlm": str(vlm) if vlm else None, "stage": stage})
+        spec = json.dumps(run_spec(preset, tier, overrides, data, run, vlm=vlm, stage=stage))
         subprocess.run([sys.executable, __file__, spec], check=True)
     return {**json.loads(metrics_file.read_text()), **json.loads(bench_file.read_text())}
 
 
-def _child(spec: dict) -> None:
+def run_spec(preset: str, tier: str, overrides: list[str], data: Path | list, run: Path, *,
+             vlm: Path | None = None, stage: str = "train") -> dict:
+    """What a child trains, as JSON-able values: the identity of a benchmark run."""
+    # Several roots (a composite dataset) travel as a list of paths or NAME=PATH strings.
+    where = [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
+    return {"preset": preset, "tier": tier, "overrides": list(overrides), "data": where, "run": str(run),
+            "vlm": str(vlm) if vlm else None, "stage": stage}
+
+
+def _earlier_attempts(run: Path, spec: dict) -> dict | None:
+    """The timings of the killed attempts of this very run, when it can resume: it was
+    started with ``spec`` (not another configuration that left the same folder), has a
+    last checkpoint and has not finished. None: train from scratch."""
+    from medtextseg.engine import LAST
+
+    partial = run / PARTIAL_FILE
+    if not (partial.is_file() and (run / "checkpoints" / f"{LAST}.ckpt").is_file()):
+        return None
+    earlier = json.loads(partial.read_text())
+    return earlier if earlier.get("spec") == spec else None
+
+
+def _child(spec: dict, callbacks: tuple = ()) -> None:
+    """Train ``spec`` (a :func:`run_spec`) and write its timings; ``callbacks`` join the
+    Trainer's (the tests' stand-in for a kill)."""
     import lightning as L
 
     from medtextseg.config import load_preset
-    from medtextseg.engine import pretrain, train
+    from medtextseg.engine import pretrain, resume_config, train
     from medtextseg.utils import keep_freed_memory
 
     keep_freed_memory()  # as the CLI does: this child process is ours
@@ -83,37 +108,54 @@ def _child(spec: dict) -> None:
         """Wall-clock from one epoch's start to the next (the last: to the end of fit):
         training steps, validation, the method's epoch-end work (EPI refresh) and saving."""
 
-        def __init__(self):
+        def __init__(self, earlier: dict | None):
             self.starts: list[float] = []
             self.times: list[float] = []
+            self.earlier = earlier or {"seconds": 0.0, "epoch_seconds": [], "attempts": 0}
+            self.t0 = time.perf_counter()
+
+        def seconds(self) -> float:
+            """Wall-clock of this attempt and the earlier ones."""
+            return self.earlier["seconds"] + time.perf_counter() - self.t0
 
         def on_train_epoch_start(self, trainer, module):
             now = time.perf_counter()
             if self.starts:
                 self.times.append(now - self.starts[-1])
             self.starts.append(now)
+            # Up to the epoch that just ended: time spent after the last checkpoint of an
+            # attempt that is killed is lost with it, and is not counted.
+            atomic_write_json(run / PARTIAL_FILE, {
+                "spec": spec, "seconds": self.seconds(), "attempts": self.earlier["attempts"] + 1,
+                "epoch_seconds": self.earlier["epoch_seconds"] + self.times})
 
         def on_train_end(self, trainer, module):
             if self.starts:
                 self.times.append(time.perf_counter() - self.starts[-1])
 
     run = Path(spec["run"])
-    cfg = load_preset(spec["preset"], spec["tier"], spec["overrides"])
-    timer = EpochTimer()
-    t0 = time.perf_counter()
+    earlier = _earlier_attempts(run, spec)
+    # A resume continues the saved configuration, which is the one asked for (same spec)
+    # with what training filled in (class names, domains).
+    cfg = resume_config(run) if earlier else load_preset(spec["preset"], spec["tier"], spec["overrides"])
+    timer = EpochTimer(earlier)
+    how = {"resume": True} if earlier else {"overwrite": True}
     if spec.get("stage") == "pretrain":
-        pretrain(cfg, spec["data"], run, overwrite=True, progress=False, extra_callbacks=[timer])
+        pretrain(cfg, spec["data"], run, progress=False, extra_callbacks=[timer, *callbacks], **how)
     else:
         vlm = Path(spec["vlm"]) if spec.get("vlm") else None
-        train(cfg, spec["data"], run, vlm=vlm, overwrite=True, progress=False, extra_callbacks=[timer])
+        train(cfg, spec["data"], run, vlm=vlm, progress=False, extra_callbacks=[timer, *callbacks], **how)
+    times = timer.earlier["epoch_seconds"] + timer.times
     atomic_write_json(run / BENCH_FILE, {
-        "seconds": time.perf_counter() - t0, "epochs": len(timer.times),
+        "seconds": timer.seconds(), "epochs": len(times), "attempts": timer.earlier["attempts"] + 1,
         # Median of the second half: past the first epoch and the cheaper supervised warm-up
         # epochs of the semi-supervised methods (all epochs are in "epoch_seconds").
-        "seconds_per_epoch": statistics.median(timer.times[len(timer.times) // 2:]) if timer.times else float("nan"),
-        "epoch_seconds": timer.times,
+        "seconds_per_epoch": statistics.median(times[len(times) // 2:]) if times else float("nan"),
+        "epoch_seconds": times,
+        # Of the last attempt (a resumed run's earlier attempts were other processes).
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     })
+    (run / PARTIAL_FILE).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,14 @@
 
 import pytest
 
-from medtextseg.config import TIERS, ConfigError, load_preset, preset_names
+from medtextseg.config import (
+    TIERS,
+    ConfigError,
+    load_preset,
+    preset_names,
+    read_config,
+    save_config,
+)
 
 EXPECTED_PRESETS = {"unet", "lvit-t", "lvit-tw", "lvit-s", "lvit-m", "lvit-l"}
 
@@ -50,6 +57,19 @@ def test_overrides_are_typed():
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.train.max_epochs == 3
     assert cfg.network.use_text is False
+
+
+@pytest.mark.parametrize("raw, value", [("3e-4", 3e-4), ("1E-3", 1e-3), ("+2.5e-5", 2.5e-5), ("1e2", 100.0)])
+def test_exponent_without_a_dot_is_a_number(raw, value, tmp_path):
+    """The README's own ``--set optim.lr=3e-4`` (YAML 1.1 reads it as a string)."""
+    cfg = load_preset("lvit-t", "smoke", [f"optim.lr={raw}"])
+    assert cfg.optim.lr == value and isinstance(cfg.optim.lr, float)
+    saved = tmp_path / "config.yaml"
+    save_config(cfg, saved)
+    assert read_config(saved).optim.lr == value
+    # a text field keeps what was typed, never YAML's reading of it as a number
+    assert load_preset("lvit-t", "smoke", ["text.encoder=1e2"]).text.encoder == "1e2"
+    assert load_preset("lvit-t", "smoke", ["text.encoder=0123"]).text.encoder == "0123"
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -25,6 +25,7 @@ resumed run, ``evaluate`` or ``predict`` reads back.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -33,6 +34,20 @@ from typing import Any
 import yaml
 
 TIERS = ("smoke", "cpu", "paper")
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` reading ``3e-4`` as a number, as YAML 1.2 and every user do:
+    PyYAML follows YAML 1.1, whose floats need a dot, and gives the string "3e-4" (so
+    ``--set optim.lr=3e-4`` would be refused as not a float)."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)
 
 
 class ConfigError(ValueError):
@@ -413,12 +428,24 @@ class Config:
             if "=" not in item:
                 raise ConfigError(f"--set expects key=value, got {item!r} (e.g. --set train.max_epochs=5)")
             key, raw = item.split("=", 1)
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            parts = key.strip().split(".")
+            # A text field takes what was typed: YAML would read 0123 or 1e2 as a number.
+            value = raw.strip() if isinstance(_current(cfg, parts), str) else _yaml(raw) if raw.strip() else ""
             nested: Any = value
-            for part in reversed(key.strip().split(".")):
+            for part in reversed(parts):
                 nested = {part: nested}
             _merge_into(cfg, nested, "")
         return cfg._checked()
+
+
+def _current(cfg: Config, parts: list[str]) -> Any:
+    """The value at a dotted key path, None where the path names no field."""
+    obj: Any = cfg
+    for part in parts:
+        if not (dataclasses.is_dataclass(obj) and part in {f.name for f in dataclasses.fields(obj)}):
+            return None
+        obj = getattr(obj, part)
+    return obj
 
 
 def _merge_into(obj: Any, d: dict, prefix: str) -> None:
@@ -478,7 +505,7 @@ def _load_preset_doc(name: str, seen: tuple[str, ...] = ()) -> tuple[dict, dict]
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
     if name in seen:
         raise ConfigError(f"preset inheritance loop: {' -> '.join(seen + (name,))}")
-    doc = yaml.safe_load(path.read_text()) or {}
+    doc = _yaml(path.read_text()) or {}
     tiers = doc.pop("tiers", {}) or {}
     base_name = doc.pop("base", None)
     if base_name:
@@ -512,4 +539,4 @@ def save_config(cfg: Config, path: Path) -> None:
 
 
 def read_config(path: Path) -> Config:
-    return Config.from_dict(yaml.safe_load(Path(path).read_text()))
+    return Config.from_dict(_yaml(Path(path).read_text()))
