@@ -70,6 +70,7 @@ def test_exponent_without_a_dot_is_a_number(raw, value, tmp_path):
     # a text field keeps what was typed, never YAML's reading of it as a number
     assert load_preset("lvit-t", "smoke", ["text.encoder=1e2"]).text.encoder == "1e2"
     assert load_preset("lvit-t", "smoke", ["text.encoder=0123"]).text.encoder == "0123"
+    assert load_preset("lvit-t", "smoke", ["text.encoder='hf:/m y'"]).text.encoder == "hf:/m y"
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -429,8 +429,11 @@ class Config:
                 raise ConfigError(f"--set expects key=value, got {item!r} (e.g. --set train.max_epochs=5)")
             key, raw = item.split("=", 1)
             parts = key.strip().split(".")
-            # A text field takes what was typed: YAML would read 0123 or 1e2 as a number.
-            value = raw.strip() if isinstance(_current(cfg, parts), str) else _yaml(raw) if raw.strip() else ""
+            # A text field takes what was typed: YAML would read 0123 or 1e2 as a number
+            # (a quoted value is still unquoted by YAML).
+            text = raw.strip()
+            quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+            value = text if isinstance(_current(cfg, parts), str) and not quoted else _yaml(raw) if text else ""
             nested: Any = value
             for part in reversed(parts):
                 nested = {part: nested}
