@@ -196,6 +196,31 @@ def synth(
     elif n is None:
         n = _DEFAULT_SYNTH_N
     summary = generate(out, n=n, seed=seed, size=size, text_noise=text_noise, overwrite=overwrite, **extra)
+    _print_summary(summary, out)
+
+
+@app.command("import-h5")
+@friendly
+def import_h5(
+    fold: Annotated[Path, typer.Argument(help="One fold of the PromptSSL release: an HDF5 file with groups "
+                                         "train_sup, train_weak and val (mr, mask, filename).")],
+    texts: Annotated[Path, typer.Option(help="The slices' texts: a table with columns Image, Description "
+                                        "(MRSpineSeg: train_val_text.xlsx).")],
+    out: Annotated[Path, typer.Option(help="Folder to write the dataset to (LViT layout).")],
+    num_classes: Annotated[int, typer.Option(help="K: class ids 0..K-1 with 0 = background (MRSpineSeg: 20).")] = 20,
+    keep_weak_masks: Annotated[bool, typer.Option(help="Keep train_weak's masks (default: dropped, so those "
+                                                  "slices are unlabeled, as in the release).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+):
+    """Convert a PromptSSL HDF5 fold (MRSpineSeg) and its text table into an LViT-layout dataset."""
+    from medtextseg.data.hdf5 import import_hdf5_fold
+
+    summary = import_hdf5_fold(fold, texts, out, num_classes=num_classes, keep_weak_masks=keep_weak_masks,
+                               overwrite=overwrite)
+    _print_summary(summary, out)
+
+
+def _print_summary(summary: dict, out: Path) -> None:
     table = Table(title=f"wrote {summary.get('out', out)}", show_header=False)
     for key, value in summary.items():
         if key == "out":

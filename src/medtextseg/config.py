@@ -229,6 +229,15 @@ class SemiConfig:
     noise_std: float = 0.1
 
 
+# DuSSS's uncertainty constants (Eq. 2-4; the official values, reference-implementations.md)
+# and the initial contrastive temperature (CLIP's 0.07): the one definition that the
+# config, the SSS functions and the VLM network default to.
+SSS_A = 1 / 200
+SSS_B = 4.0
+SSS_LAMBDA = 1 / 5
+TEMPERATURE_INIT = 0.07
+
+
 @dataclass
 class VLMConfig:
     """The DuSSS vision-language model and its pre-training (``pretrain: dusss``).
@@ -271,11 +280,11 @@ class VLMConfig:
     max_len: int = 24
     embed_dim: int = 512
     decoder_channels: list = field(default_factory=lambda: [256, 128])
-    temperature: float = 0.07
+    temperature: float = TEMPERATURE_INIT
     sss: bool = True
-    sss_a: float = 1 / 200
-    sss_b: float = 4.0
-    sss_lam: float = 1 / 5
+    sss_a: float = SSS_A
+    sss_b: float = SSS_B
+    sss_lam: float = SSS_LAMBDA
     sss_warmup_epochs: int = 0
     imc: bool = True
     tg_loss: bool = True

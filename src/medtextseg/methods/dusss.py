@@ -23,6 +23,13 @@ of the student, α = min(1 - 1/(step + 1), ``semi.ema_decay``) (Eq. 12, shared w
   cross-entropies of the student's logits against soft targets.
 - **L_sup** (Eq. 14): cross-entropy on the labeled images (the preset sets
   ``loss.dice = 0``, ``loss.ce = 1``).
+- **L_tg** (Eq. 11) is *not* in this step, although the paper describes it beside
+  the text-guided mask of step 2: it trains the grounding decoder f_g, and training
+  f_g here would make the text mask change every step (a VLM forward per batch, and
+  a mask that no longer depends only on the image and its text). We train f_g with
+  L_tg in pre-training (:mod:`medtextseg.pretrain.dusss`) and keep the VLM frozen
+  here, so the masks are computed once. The paper's Table 2 rows with L_tg are the
+  ``vlm.tg_loss`` switch of the VLM.
 
 L = L_sup + w · L_semi, with w = ``semi.unsup_weight`` ramped in over
 ``semi.rampup_epochs`` (the family's schedule; the paper gives no weight or ramp:

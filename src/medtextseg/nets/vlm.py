@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medtextseg.config import TEMPERATURE_INIT
+
 __all__ = ["DualEncoderVLM", "GaussianHead", "GroundingDecoder", "VLMOutput"]
 
 _VIT_DEFAULTS = {"image_size": 224, "patch_size": 16, "hidden_size": 768, "depth": 12, "heads": 12}
@@ -235,7 +237,7 @@ class DualEncoderVLM(nn.Module):
         text_heads: int | None = None,
         embed_dim: int = 512,
         decoder_channels: Sequence[int] = (256, 128),
-        temperature: float = 0.07,
+        temperature: float = TEMPERATURE_INIT,
     ) -> None:
         super().__init__()
         if embed_dim < 1:

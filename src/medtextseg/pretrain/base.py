@@ -126,7 +126,9 @@ def load_pretrained(folder: Path, map_location: str | torch.device = "cpu") -> t
     # a method that loads a VLM then draws the same data order and noise as one that does not.
     with torch.random.fork_rng(devices=[]):
         module = pretrain_class(cfg.pretrain)(cfg.to_dict())
-    state = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=False)["state_dict"]
+    # The exported file holds tensors only (export_pretrained): no unpickling of code, so a
+    # run folder from elsewhere cannot run anything when it is loaded.
+    state = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=True)["state_dict"]
     module.load_state_dict(state)
     module.to(map_location).eval().requires_grad_(False)
     return module, json.loads((folder / "run.json").read_text())

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medtextseg.config import Config
+from medtextseg.config import TEMPERATURE_INIT, Config
 from medtextseg.data.sample import Sample
 from medtextseg.losses import DiceCE
 from medtextseg.metrics import dice_iou_per_class
@@ -59,7 +59,7 @@ PROMPT_MAX_LEN = 12
 __all__ = ["LS_MAX_WEIGHT", "GLscPretrain", "local_semantic_loss", "prompt_mask", "prompt_scores"]
 
 
-def local_semantic_loss(patches: Tensor, txt: Tensor, temperature: float | Tensor = 0.07, *,
+def local_semantic_loss(patches: Tensor, txt: Tensor, temperature: float | Tensor = TEMPERATURE_INIT, *,
                         positives: Tensor | None = None, max_weight: float = LS_MAX_WEIGHT,
                         eps: float = DEFAULT_EPS) -> Tensor:
     """L_LS, PromptSSL Eq. 1-2: patch-text InfoNCE with a per-patch uncertainty weight.

@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medtextseg.config import SSS_A, SSS_B, SSS_LAMBDA, TEMPERATURE_INIT
+
 __all__ = [
     "info_nce",
     "pairwise_semantic_distance",
@@ -137,7 +139,7 @@ def pairwise_wasserstein2(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tens
     return _pairwise_sq_dist(mu1, mu2) + _pairwise_sq_dist(sigma1, sigma2)
 
 
-def uncertainty_distance(d2w: Tensor, a: float = 1 / 200, b: float = 4.0) -> Tensor:
+def uncertainty_distance(d2w: Tensor, a: float = SSS_A, b: float = SSS_B) -> Tensor:
     """Uncertainty level, DuSSS Eq. 2: ``D_u = a * D_2W + b``, elementwise, any shape.
 
     Args:
@@ -181,7 +183,7 @@ def relative_uncertainty(d_u: Tensor, d_s: Tensor, eps: float = DEFAULT_EPS) -> 
     return d_u / d_s.clamp_min(eps)
 
 
-def sss_weight(d_u: Tensor, d_s: Tensor, lam: float = 1 / 5, eps: float = DEFAULT_EPS) -> Tensor:
+def sss_weight(d_u: Tensor, d_s: Tensor, lam: float = SSS_LAMBDA, eps: float = DEFAULT_EPS) -> Tensor:
     """Semantic similarity supervision, DuSSS Eq. 4: ``D_SSS = exp(-lam * D_u / D_s)``.
 
     Elementwise (broadcasts). ``D_s`` is clamped to ``eps`` (Eq. 3,
@@ -221,9 +223,9 @@ def pairwise_sss(
     mu2: Tensor,
     sigma2: Tensor,
     *,
-    a: float = 1 / 200,
-    b: float = 4.0,
-    lam: float = 1 / 5,
+    a: float = SSS_A,
+    b: float = SSS_B,
+    lam: float = SSS_LAMBDA,
     eps: float = DEFAULT_EPS,
 ) -> Tensor:
     """``D_SSS`` (Eq. 1-4) of every pair across two sets: ``[N, M]``, ready for :func:`info_nce`.
@@ -268,7 +270,7 @@ def info_nce(
     a: Tensor,
     b: Tensor,
     weights: Tensor | None = None,
-    temperature: float | Tensor = 0.07,
+    temperature: float | Tensor = TEMPERATURE_INIT,
     *,
     positives: Tensor | None = None,
     symmetric: bool = True,
@@ -370,7 +372,7 @@ def text_guided_features(dense: Tensor, txt: Tensor, eps: float = DEFAULT_EPS) -
 def text_guided_loss(
     dense: Tensor,
     txt: Tensor,
-    temperature: float | Tensor = 0.07,
+    temperature: float | Tensor = TEMPERATURE_INIT,
     *,
     positives: Tensor | None = None,
 ) -> Tensor:

@@ -187,17 +187,28 @@ class LViTLayoutWriter:
         self.add_encoded(split, name, png_bytes(image), png_bytes(mask), text)
 
     def add_encoded(
-        self, split: str, name: str, image_png: bytes, mask_png: bytes, text: str
+        self, split: str, name: str, image_png: bytes, mask_png: bytes | None, text: str
     ) -> None:
-        """Like :meth:`add` with already encoded PNG files (lets workers encode)."""
+        """Like :meth:`add` with already encoded PNG files (lets workers encode).
+        ``mask_png=None`` writes no mask: an unlabeled image (Train only)."""
         if self._tmp is None:
             raise RuntimeError("use LViTLayoutWriter as a context manager")
         if not text or not text.strip():
             raise ValueError(f"empty description for {name}")
+        if mask_png is None and split != "Train":
+            raise ValueError(f"{name}: only Train images may come without a mask ({split} is evaluated)")
         folder = self._tmp / split_folder(split)
         (folder / IMAGE_DIR / name).write_bytes(image_png)
-        (folder / MASK_DIR / name).write_bytes(mask_png)
+        if mask_png is not None:
+            (folder / MASK_DIR / name).write_bytes(mask_png)
         self._rows[split].append((name, text))
+
+    @property
+    def staging(self) -> Path:
+        """The temporary root being built: extra files written here are committed with it."""
+        if self._tmp is None:
+            raise RuntimeError("use LViTLayoutWriter as a context manager")
+        return self._tmp
 
     def commit(self) -> Path:
         """Write the xlsx files and move the finished tree to ``out``."""
