@@ -238,3 +238,24 @@ def test_lvit_sizes_differ_only_in_depth():
     }
     assert sizes["lvit-t"] < sizes["lvit-s"] < sizes["lvit-m"] < sizes["lvit-l"]
     assert isinstance(_meta("unet"), UNet)
+
+
+def test_plam_gate_off_is_eq8_bare_product_and_loads_the_gated_weights():
+    from medtextseg.nets import PLAM
+
+    torch.manual_seed(0)
+    gated, bare = PLAM(4), PLAM(4, gate=False)
+    bare.load_state_dict(gated.state_dict())  # no parameter added or removed
+    x = torch.randn(2, 4, 5, 6)
+    b = torch.relu(gated.branches(x))
+    cat = torch.cat([b[:, :4].mean(1, keepdim=True), b[:, 4:].amax(1, keepdim=True)], 1)
+    cat = torch.cat([cat, cat[:, :1] + cat[:, 1:]], 1)
+    m = gated.mlp[2](torch.relu(gated.mlp[0](cat)))  # the MLP's raw output, [2, 1, 5, 6]
+    torch.testing.assert_close(bare(x), x * m)  # Eq. 8: Y = MLP(x_cat) (x) x
+    torch.testing.assert_close(gated(x), x * torch.sigmoid(m))
+    net = build_network("lvit-t", base_width=8, img_size=32, text_dim=12, text_len=3, plam_gate=False)
+    ref = build_network("lvit-t", base_width=8, img_size=32, text_dim=12, text_len=3)
+    net.load_state_dict(ref.state_dict())
+    net.eval(), ref.eval()
+    img, txt = torch.rand(1, 3, 32, 32), torch.randn(1, 3, 12)
+    assert not torch.allclose(net(img, txt), ref(img, txt))  # the option reaches every skip

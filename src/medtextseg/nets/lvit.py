@@ -8,6 +8,7 @@ pixel-level attention module (PLAM, Eq. 8) on every skip.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -46,23 +47,26 @@ class PLAM(nn.Module):
     per-pixel MLP ``Linear(3, 6)-ReLU-Linear(6, 1)`` reads ``[avg, max, avg+max]``
     (the paper's concat *and* add) and its output scales the input pixel-wise.
 
-    Eq. 8 writes the bare product; following CBAM, which PLAM is modelled on,
-    the MLP output goes through a sigmoid so it acts as a gate in (0, 1) rather
-    than an unbounded (possibly sign-flipping) factor. No parameters are added.
+    Eq. 8 writes the bare product, and so does the official code. By default
+    (``gate=True``), following CBAM, which PLAM is modelled on, the MLP output goes
+    through a sigmoid so it acts as a gate in (0, 1) rather than an unbounded
+    (possibly sign-flipping) factor; every LViT figure in benchmarks/RESULTS.md was
+    measured so. ``gate=False`` is Eq. 8 as written. Neither adds parameters, so the
+    two load each other's weights.
     The two branch convolutions run as one ``C -> 2C`` convolution (same
     weights, one kernel launch).
 
     Shapes: ``[B, C, H, W] -> [B, C, H, W]``.
     """
 
-    def __init__(self, channels: int, hidden: int = 6) -> None:
+    def __init__(self, channels: int, hidden: int = 6, gate: bool = True) -> None:
         super().__init__()
         self.branches = nn.Conv2d(channels, 2 * channels, kernel_size=1, bias=False)
         self.mlp = nn.Sequential(
             nn.Conv2d(3, hidden, kernel_size=1),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, 1, kernel_size=1),
-            nn.Sigmoid(),
+            nn.Sigmoid() if gate else nn.Identity(),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -130,7 +134,9 @@ class LViT(nn.Module):
     (Eq. 7, concatenated as in the official code, see :class:`~medtextseg.nets.vit.DownViT`).
     Up path: ``u_4 = ViT(y_4)``, ``u_i = ViT(y_i) + CTBN(u_{i+1})``. Each ``u_i`` is
     reconstructed to a feature map and added to ``x_i``; the decoder then runs
-    PLAM on every skip, concatenates and convolves (nearest x2 upsampling).
+    PLAM on every skip, concatenates and convolves (nearest x2 upsampling);
+    ``plam_gate=False`` gives PLAM Eq. 8's bare product instead of a sigmoid gate
+    (:class:`PLAM`; ``network.options={plam_gate: false}`` in a config).
 
     Input size: the token grid is ``(H/16, W/16)`` at every level. If it differs
     from the grid of ``img_size``, the position embeddings and the ``N`` text
@@ -167,6 +173,7 @@ class LViT(nn.Module):
         num_heads: int = NUM_HEADS,
         mlp_ratio: float = MLP_RATIO,
         dropout: float = DROPOUT,
+        plam_gate: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -205,7 +212,8 @@ class LViT(nn.Module):
         self.reconstructs = nn.ModuleList(
             Reconstruct(c, patch_size_for_level(i + 1)) for i, c in enumerate(widths)
         )
-        self.decoder = CNNDecoder(base_width, num_classes, upsample="nearest", skip_attention=PLAM)
+        self.decoder = CNNDecoder(base_width, num_classes, upsample="nearest",
+                                  skip_attention=functools.partial(PLAM, gate=bool(plam_gate)))
         if self.use_text:
             num_tokens = self.grid_size[0] * self.grid_size[1]
             self.text_encoder = TextConvPath(text_dim, widths[::-1])
@@ -267,4 +275,4 @@ def _build(name: str, **options) -> LViT:
     return LViT(depth=LVIT_DEPTHS[name], **without(options, DOMAIN_OPTIONS))
 
 
-register_network("lvit", tuple(LVIT_DEPTHS), ("num_heads", "mlp_ratio", "dropout"), _build)
+register_network("lvit", tuple(LVIT_DEPTHS), ("num_heads", "mlp_ratio", "dropout", "plam_gate"), _build)
